@@ -1,0 +1,77 @@
+"""Apply a plan to an eager model by swapping modules (in place)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import PlanError
+from .modules import LordBottleneck, LordLinear
+from .plan import BOTTLENECKS_ATTR, Plan
+from .targets import is_linear, linear_info
+
+
+def apply_plan(model: nn.Module, plan: Plan, *, load_tensors: bool = True) -> nn.Module:
+    """Replace every factorized group of ``plan`` in ``model`` (in place) and return ``model``.
+
+    Each group gets one ``LordBottleneck`` registered as ``<parent>.lord_bottlenecks.<key>`` and
+    each member becomes a ``LordLinear``. With ``load_tensors`` the plan's factors are copied in;
+    without, the new parameters are left uninitialized on the member's device (for loading a
+    state dict afterwards). Raises PlanError, before changing anything, when the plan does not
+    fit the model.
+    """
+    check_plan_fits(model, plan, need_tensors=load_tensors)
+    for group in plan.factorized_groups:
+        parent = model.get_submodule(group.parent) if group.parent else model
+        first = model.get_submodule(group.members[0].name)
+        device, dtype = first.weight.device, first.weight.dtype
+        bottleneck = LordBottleneck(group.d_in, group.rank, len(group.members), device=device, dtype=dtype)
+        if not hasattr(parent, BOTTLENECKS_ATTR):
+            parent.add_module(BOTTLENECKS_ATTR, nn.ModuleDict())
+        getattr(parent, BOTTLENECKS_ATTR)[group.key] = bottleneck
+        for m in group.members:
+            layer = LordLinear(bottleneck, m.d_out, m.has_bias, device=device, dtype=dtype)
+            parent.add_module(m.name.rsplit(".", 1)[-1], layer)
+        if load_tensors:
+            with torch.no_grad():
+                bottleneck.weight.copy_(plan.tensors[f"{group.bottleneck_name}.weight"])
+                for m in group.members:
+                    layer = model.get_submodule(m.name)
+                    layer.weight.copy_(plan.tensors[f"{m.name}.weight"])
+                    if m.has_bias:
+                        layer.bias.copy_(plan.tensors[f"{m.name}.bias"])
+    return model
+
+
+def check_plan_fits(model: nn.Module, plan: Plan, *, need_tensors: bool = True) -> None:
+    """Raise PlanError naming every layer of ``plan`` that ``model`` lacks or has in another shape."""
+    modules = dict(model.named_modules())
+    problems: list[str] = []
+    for group in plan.factorized_groups:
+        for m in group.members:
+            mod = modules.get(m.name)
+            if mod is None:
+                problems.append(f"{m.name}: no such module")
+                continue
+            if not is_linear(mod):
+                problems.append(f"{m.name}: is {type(mod).__name__}, not a dense linear layer")
+                continue
+            info = linear_info(m.name, mod)
+            if (info.d_out, info.d_in) != (m.d_out, m.d_in):
+                problems.append(
+                    f"{m.name}: model has (d_out, d_in)=({info.d_out}, {info.d_in}), plan ({m.d_out}, {m.d_in})"
+                )
+            if m.has_bias != info.has_bias:
+                problems.append(f"{m.name}: bias {'expected' if m.has_bias else 'unexpected'}")
+        if need_tensors:
+            shapes = {f"{group.bottleneck_name}.weight": (group.rank, group.d_in)}
+            shapes.update({f"{m.name}.weight": (m.d_out, group.rank) for m in group.members})
+            for key, shape in shapes.items():
+                t = plan.tensors.get(key)
+                if t is None:
+                    problems.append(f"{key}: factor missing from the plan")
+                elif tuple(t.shape) != shape:
+                    problems.append(f"{key}: factor has shape {tuple(t.shape)}, expected {shape}")
+    if problems:
+        shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
+        raise PlanError(f"the plan does not fit this model ({len(problems)} problem(s)): {shown}")

@@ -1,0 +1,156 @@
+"""The ``lord-export`` command line. Exit codes: 0 success, 1 failure, 2 bad usage."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from .config import LordConfig
+from .data import DEFAULT_SAMPLES, DEFAULT_SEQLEN
+from .errors import LordError, UsageError
+from .factorize import METHODS
+from .targets import PRESETS
+
+PROG = "lord-export"
+
+
+def _help(name: str) -> str:
+    from dataclasses import fields
+
+    return next(f.metadata["help"] for f in fields(LordConfig) if f.name == name)
+
+
+def _rank_reduction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Compress transformer models with LoRD (activation-aware low-rank decomposition) "
+        "and hand them to the backends you deploy on.",
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    c = sub.add_parser(
+        "compress",
+        help="calibrate, factorize and save a LoRD-compressed model directory",
+        description="Calibrate MODEL_DIR on text/code, factorize the targeted linear layers in closed form, "
+        "and write OUTPUT_DIR (config, model.safetensors, lord_plan.json, report.json). "
+        "Load the result with lord_export.load(OUTPUT_DIR).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        parents=[common],
+    )
+    c.add_argument("model_dir", metavar="MODEL_DIR", help="a local Hugging Face model directory (safetensors)")
+    c.add_argument("output_dir", metavar="OUTPUT_DIR", help="where to write the compressed model (must not exist)")
+    c.add_argument("--calib", nargs="+", required=True, metavar="PATH",
+                   help="calibration text/code files or folders (folders are read recursively)")
+    c.add_argument("--rank-reduction", type=_rank_reduction, required=True, metavar="R", help=_help("rank_reduction"))
+    c.add_argument("--method", choices=METHODS, default="lord", help=_help("method"))
+    c.add_argument("--targets", nargs="+", default=["all"], metavar="T",
+                   help=f"{_help('targets')}; presets: {', '.join(PRESETS)}")
+    c.add_argument("--exclude", nargs="+", default=[], metavar="PATTERN", help=_help("exclude"))
+    c.add_argument("--no-grouping", action="store_true", help="factorize every layer on its own (no shared bottleneck)")
+    c.add_argument("--rank-multiple", type=_positive_int, default=1, metavar="M", help=_help("rank_multiple"))
+    c.add_argument("--force", action="store_true", help=_help("force"))
+    c.add_argument("--calib-samples", type=_positive_int, default=DEFAULT_SAMPLES, metavar="N",
+                   help="number of calibration blocks")
+    c.add_argument("--calib-seqlen", type=_positive_int, default=None, metavar="L",
+                   help=f"tokens per calibration block (default: {DEFAULT_SEQLEN} or the model's maximum positions, "
+                   "whichever is smaller)")
+    c.add_argument("--calib-separator", default=None, metavar="S",
+                   help="split calibration files into documents on this string (e.g. '<|endoftext|>')")
+    c.add_argument("--batch-size", type=_positive_int, default=8, help="calibration blocks per forward pass")
+    c.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="dtype to load the model in (factors are stored in it)")
+    c.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists")
+    c.add_argument("--trust-remote-code", action="store_true",
+                   help="allow model code from the model directory (off by default)")
+    c.set_defaults(func=_compress)
+    return parser
+
+
+def _compress(args: argparse.Namespace) -> int:
+    import torch
+
+    from .compress import compress_model_dir
+
+    config = LordConfig(
+        rank_reduction=args.rank_reduction,
+        method=args.method,
+        targets=tuple(args.targets),
+        exclude=tuple(args.exclude),
+        grouping=not args.no_grouping,
+        rank_multiple=args.rank_multiple,
+        force=args.force,
+    )
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    report = compress_model_dir(
+        args.model_dir,
+        args.output_dir,
+        args.calib,
+        config,
+        samples=args.calib_samples,
+        seqlen=args.calib_seqlen,
+        separator=args.calib_separator,
+        batch_size=args.batch_size,
+        overwrite=args.overwrite,
+        dtype=dtype,
+        trust_remote_code=args.trust_remote_code,
+        progress=not args.quiet,
+    )
+    before, after = report["params_before"], report["params_after"]
+    print(
+        f"wrote {args.output_dir}: {report['groups_factorized']} group(s) factorized, "
+        f"{report['groups_left_dense']} left dense; parameters {before:,} -> {after:,} "
+        f"({100 * (1 - after / before):.1f}% fewer)"
+    )
+    for w in report["warnings"]:
+        print(f"warning: {w}", file=sys.stderr)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format=f"{PROG}: %(levelname)s: %(message)s",
+    )
+    try:
+        return args.func(args)
+    except UsageError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except LordError as e:
+        print(f"{PROG}: failed: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Loading Hugging Face model directories safely: safetensors only, no remote code by default."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import UsageError
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "added_tokens.json",
+    "generation_config.json",
+)
+
+_AUTO_FALLBACKS = ("AutoModelForCausalLM", "AutoModel")
+
+
+def check_model_dir(path: str | Path) -> Path:
+    """Return ``path`` as a Path if it is a model directory (has config.json), else raise UsageError."""
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"model directory {str(path)!r} does not exist")
+    if not p.is_dir():
+        raise UsageError(f"{str(path)!r} is a file, not a model directory")
+    if not (p / "config.json").is_file():
+        raise UsageError(f"{str(path)!r} is not a model directory: it has no config.json")
+    return p
+
+
+def read_config_json(path: str | Path) -> dict[str, Any]:
+    return json.loads((Path(path) / "config.json").read_text())
+
+
+def model_class(config: Any, trust_remote_code: bool = False) -> type:
+    """The transformers class named by ``config.architectures`` (or a sensible Auto class)."""
+    import transformers
+
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    if getattr(config, "auto_map", None) and not trust_remote_code:
+        raise UsageError(
+            "this model needs its own code (auto_map in config.json); pass --trust-remote-code if you trust it"
+        )
+    for auto in _AUTO_FALLBACKS:
+        try:
+            getattr(transformers, auto)._model_mapping[type(config)]
+            return getattr(transformers, auto)
+        except KeyError:
+            continue
+    raise UsageError(f"transformers has no model class for architectures {getattr(config, 'architectures', None)}")
+
+
+def load_dense(
+    model_dir: str | Path, *, dtype: torch.dtype | str | None = None, trust_remote_code: bool = False
+) -> nn.Module:
+    """Load a dense model from a local directory, from safetensors only (never pickle)."""
+    from transformers import AutoConfig
+
+    path = check_model_dir(model_dir)
+    if not any(path.glob("*.safetensors")):
+        raise UsageError(
+            f"{str(model_dir)!r} has no *.safetensors weights; lord_export never unpickles .bin/.pt files "
+            "(convert them with a tool you trust first)"
+        )
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    cls = model_class(config, trust_remote_code)
+    kwargs: dict[str, Any] = {"use_safetensors": True, "trust_remote_code": trust_remote_code}
+    kwargs["dtype"] = dtype if dtype is not None else "auto"
+    if cls.__name__.startswith("Auto"):
+        model = cls.from_pretrained(path, **kwargs)
+    else:
+        kwargs.pop("trust_remote_code")
+        model = cls.from_pretrained(path, **kwargs)
+    model.eval()
+    return model
+
+
+def load_tokenizer(model_dir: str | Path, *, trust_remote_code: bool = False) -> Any:
+    """The model's tokenizer: the fast one when tokenizer.json exists, else the slow (sentencepiece) one."""
+    from transformers import AutoTokenizer
+
+    path = Path(model_dir)
+    use_fast = (path / "tokenizer.json").is_file()
+    try:
+        return AutoTokenizer.from_pretrained(path, use_fast=use_fast, trust_remote_code=trust_remote_code)
+    except Exception as e:  # transformers raises many types here; the message is what matters
+        raise UsageError(f"could not load a tokenizer from {str(model_dir)!r}: {e}") from e

@@ -1,0 +1,226 @@
+"""Saving and loading compressed models and plans (safetensors + JSON, never pickle).
+
+A compressed model directory holds:
+
+* ``config.json`` (+ tokenizer and generation files copied from the dense model),
+* ``model.safetensors`` — the compressed model's state dict (tied tensors stored once),
+* ``lord_plan.json`` — the plan (structure, ranks, per-group errors),
+* ``report.json`` — what was done, in numbers.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .apply import apply_plan
+from .errors import PlanError, UsageError
+from .plan import Plan
+
+PLAN_FILE = "lord_plan.json"
+REPORT_FILE = "report.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+@contextmanager
+def atomic_output_dir(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside ``path``; move it to ``path`` only on success.
+
+    Refuses an existing ``path`` unless ``overwrite``; on any error the temporary directory is
+    removed and ``path`` is untouched.
+    """
+    dest = Path(path)
+    if dest.exists() and not overwrite:
+        raise UsageError(f"output {str(path)!r} already exists; pass --overwrite to replace it")
+    parent = dest.absolute().parent
+    if not parent.is_dir():
+        raise UsageError(f"the parent directory of output {str(path)!r} does not exist")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=parent))
+    try:
+        yield tmp
+        if dest.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=parent))
+            os.replace(dest, old / "x")
+            os.replace(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def unique_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The state dict with every shared (tied) tensor kept once; returns (tensors, dropped names)."""
+    seen: dict[tuple, str] = {}
+    out: dict[str, torch.Tensor] = {}
+    dropped: list[str] = []
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if t.numel() and key in seen:
+            dropped.append(name)
+            continue
+        seen[key] = name
+        out[name] = t.detach().contiguous()
+    return out, dropped
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def save_compressed(
+    model: nn.Module,
+    plan: Plan,
+    output_dir: str | Path,
+    *,
+    source_dir: str | Path | None = None,
+    report: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a compressed model directory (atomically) that :func:`load` reads back."""
+    with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
+        write_into(tmp, model, plan, source_dir=source_dir, report=report)
+    return Path(output_dir)
+
+
+def write_into(
+    directory: Path,
+    model: nn.Module,
+    plan: Plan,
+    *,
+    source_dir: str | Path | None = None,
+    report: dict[str, Any] | None = None,
+) -> None:
+    """Write the files of a compressed model directory into an existing (empty) ``directory``."""
+    from .hf import TOKENIZER_FILES
+
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "save_pretrained"):
+        if not getattr(config, "architectures", None):
+            config = copy.copy(config)
+            config.architectures = [type(model).__name__]
+        config.save_pretrained(directory)
+    if source_dir is not None:
+        for name in TOKENIZER_FILES:
+            src = Path(source_dir) / name
+            if src.is_file() and not (directory / name).exists():
+                shutil.copyfile(src, directory / name)
+    tensors, tied = unique_state_dict(model)
+    save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt", "lord_export": "1"})
+    plan_dict = plan.to_dict()
+    plan_dict["tied_parameters"] = tied
+    write_json(directory / PLAN_FILE, plan_dict)
+    if report is not None:
+        write_json(directory / REPORT_FILE, report)
+
+
+def read_plan(path: str | Path, *, with_tensors: bool = True) -> Plan:
+    """Read the plan of a compressed model directory; with its factor tensors unless told not to."""
+    p = Path(path)
+    plan_file = p / PLAN_FILE if p.is_dir() else p
+    if not plan_file.is_file():
+        raise UsageError(f"{str(path)!r} has no {PLAN_FILE}: it is not a lord_export output")
+    try:
+        plan = Plan.from_dict(json.loads(plan_file.read_text()))
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise PlanError(f"{plan_file} is not a valid plan: {e}") from e
+    weights = plan_file.parent / WEIGHTS_FILE
+    if with_tensors:
+        if not weights.is_file():
+            raise PlanError(f"{plan_file.parent} has no {WEIGHTS_FILE} holding the plan's factors")
+        wanted = set()
+        for g in plan.factorized_groups:
+            wanted.add(f"{g.bottleneck_name}.weight")
+            for m in g.members:
+                wanted.add(f"{m.name}.weight")
+                if m.has_bias:
+                    wanted.add(f"{m.name}.bias")
+        with safe_open(str(weights), framework="pt") as f:
+            present = set(f.keys())
+            missing = sorted(wanted - present)
+            if missing:
+                raise PlanError(f"{weights} lacks factors {missing[:5]}")
+            plan.tensors = {k: f.get_tensor(k) for k in sorted(wanted)}
+    return plan
+
+
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Create every nn.Parameter on the meta device (buffers stay real) while building a model."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            cls = type(param)
+            module._parameters[name] = cls(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def load(
+    path: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    model: nn.Module | None = None,
+    trust_remote_code: bool = False,
+) -> nn.Module:
+    """Load a LoRD-compressed model directory written by ``lord-export compress`` / :func:`save_compressed`.
+
+    The model is built on the meta device from ``config.json``, given the plan's structure, and
+    its weights are assigned from ``model.safetensors`` (tied embeddings stay tied). For a model
+    that is not a transformers model, pass a dense ``model`` of the right architecture: it is
+    restructured and loaded in place.
+    """
+    p = Path(path)
+    plan = read_plan(p, with_tensors=False)
+    tied = json.loads((p / PLAN_FILE).read_text()).get("tied_parameters", [])
+    if model is None:
+        model = _build_skeleton(p, trust_remote_code)
+    apply_plan(model, plan, load_tensors=False)
+    state = load_file(str(p / WEIGHTS_FILE), device=str(device))
+    result = model.load_state_dict(state, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise PlanError(f"{p / WEIGHTS_FILE} holds tensors the model does not have: {result.unexpected_keys[:5]}")
+    untied = [k for k in result.missing_keys if k not in tied]
+    if untied:
+        raise PlanError(f"{p / WEIGHTS_FILE} lacks tensors of the model: {untied[:5]}")
+    if tied:
+        if not hasattr(model, "tie_weights"):
+            raise PlanError(f"tensors {tied[:3]} were stored tied, but the model cannot re-tie them")
+        model.tie_weights()
+    leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if leftover:
+        raise PlanError(f"after loading, tensors are still unset: {leftover[:5]}")
+    return model.to(device).eval()
+
+
+def _build_skeleton(path: Path, trust_remote_code: bool) -> nn.Module:
+    from transformers import AutoConfig
+
+    from .hf import check_model_dir, model_class
+
+    check_model_dir(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    cls = model_class(config, trust_remote_code)
+    with parameters_on_meta():
+        if cls.__name__.startswith("Auto"):
+            return cls.from_config(config, trust_remote_code=trust_remote_code)
+        return cls(config)

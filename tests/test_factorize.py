@@ -1,0 +1,114 @@
+"""The closed form: exactness at full rank, optimality against its bound, lord ≤ svd, parameter counts."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lord_export import factorize as fz
+
+
+def correlated_inputs(d_in: int, n: int, seed: int) -> torch.Tensor:
+    """X (d_in, n) with a strongly non-isotropic covariance, like real activations."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d_in, d_in, generator=g, dtype=torch.float64)
+    scales = torch.logspace(1, -2, d_in, dtype=torch.float64)
+    return (mix * scales) @ torch.randn(d_in, n, generator=g, dtype=torch.float64)
+
+
+def direct_error(W, A, B, X) -> float:
+    return float(torch.linalg.norm(W @ X - A @ (B @ X)) / torch.linalg.norm(W @ X))
+
+
+@pytest.mark.parametrize("d_out,d_in", [(12, 20), (30, 16), (16, 16)])
+@pytest.mark.parametrize("method", ["lord", "svd", "asvd"])
+def test_full_rank_reproduces_the_layer(d_out, d_in, method):
+    W = torch.randn(d_out, d_in, dtype=torch.float64)
+    X = correlated_inputs(d_in, 200, seed=0)
+    C = X @ X.T
+    r = min(d_out, d_in)
+    f = {"lord": lambda: fz.lord(W, C, r), "svd": lambda: fz.svd(W, r, C),
+         "asvd": lambda: fz.asvd(W, X.abs().mean(1), r, C)}[method]()
+    assert direct_error(W, f.A, f.B, X) < 1e-6
+    assert fz.relative_error(W, f.A, f.B, C) < 1e-6
+
+
+@pytest.mark.parametrize("d_out,d_in,rank", [(12, 20, 5), (30, 16, 7), (48, 16, 1), (16, 16, 15)])
+def test_lord_error_equals_closed_form_bound(d_out, d_in, rank):
+    W = torch.randn(d_out, d_in, dtype=torch.float64)
+    X = correlated_inputs(d_in, 300, seed=1)
+    C = X @ X.T
+    f = fz.lord(W, C, rank)
+    err_from_c = fz.relative_error(W, f.A, f.B, C)
+    bound = fz.optimal_relative_error(f.spectrum, rank)
+    assert err_from_c == pytest.approx(bound, rel=1e-6)
+    assert direct_error(W, f.A, f.B, X) == pytest.approx(bound, rel=1e-6)
+    # the bound is the Eckart-Young optimum of the output: no rank-r map of W X beats it
+    _, S, _ = torch.linalg.svd(W @ X)
+    assert bound == pytest.approx(math.sqrt(float(S[rank:].square().sum() / S.square().sum())), rel=1e-6)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    d_out=st.integers(2, 40), d_in=st.integers(2, 40), frac=st.floats(0.05, 0.95), seed=st.integers(0, 10_000)
+)
+def test_lord_never_worse_than_svd_or_asvd(d_out, d_in, frac, seed):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
+    X = correlated_inputs(d_in, 3 * d_in, seed)
+    C = X @ X.T
+    rank = max(1, int(frac * min(d_out, d_in)))
+    lord = fz.relative_error(W, *_ab(fz.lord(W, C, rank)), C)
+    svd = fz.relative_error(W, *_ab(fz.svd(W, rank, C)), C)
+    asvd = fz.relative_error(W, *_ab(fz.asvd(W, X.abs().mean(1), rank, C)), C)
+    assert lord <= svd + 1e-9
+    assert lord <= asvd + 1e-9
+
+
+def _ab(f):
+    return f.A, f.B
+
+
+def test_singular_covariance_is_fine():
+    """Fewer tokens than features: C is singular; the eigenvector form needs no inverse."""
+    d_in, d_out = 32, 48
+    W = torch.randn(d_out, d_in, dtype=torch.float64)
+    X = torch.randn(d_in, 10, dtype=torch.float64)  # rank-10 C
+    X[5] = 0  # a dead feature too
+    C = X @ X.T
+    f = fz.lord(W, C, 10)
+    assert torch.isfinite(f.A).all() and torch.isfinite(f.B).all()
+    assert direct_error(W, f.A, f.B, X) < 1e-8  # 10 directions seen, rank 10 captures them exactly
+
+
+def test_grouped_parameter_count():
+    members = [(64, 48), (16, 48), (16, 48)]  # q, k, v of a GQA layer
+    W = torch.cat([torch.randn(o, i, dtype=torch.float64) for o, i in members])
+    C = (lambda X: X @ X.T)(correlated_inputs(48, 100, 3))
+    r = fz.rank_for(W.shape[0], 48, 0.5)
+    f = fz.lord(W, C, r)
+    assert f.A.numel() + f.B.numel() == r * (48 + sum(o for o, _ in members))
+
+
+@pytest.mark.parametrize(
+    "d_out,d_in,rr,multiple,expected",
+    [(64, 64, 0.3, 1, 45), (64, 64, 0.0, 1, 64), (256, 64, 0.5, 1, 32), (64, 64, 0.3, 8, 48),
+     (64, 64, 0.99, 8, 8), (100, 30, 0.3, 64, 30), (10, 10, 0.96, 1, 1)],
+)
+def test_rank_for(d_out, d_in, rr, multiple, expected):
+    assert fz.rank_for(d_out, d_in, rr, multiple) == expected
+
+
+def test_parity_rank():
+    assert fz.parity_rank(64, 64) == 32  # square: 50% rank reduction to break even
+    assert fz.parity_rank(256, 64) == pytest.approx(51.2)  # d -> 4d: 20%
+    assert 1 - fz.parity_rank(3 * 64, 64) / 64 == pytest.approx(0.25)  # MHA q|k|v group: 25%
+
+
+def test_bad_rank_raises():
+    with pytest.raises(ValueError, match="outside"):
+        fz.lord(torch.randn(4, 4), torch.eye(4), 5)
