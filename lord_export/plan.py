@@ -226,7 +226,7 @@ def _plan_group(
         f = fz.asvd(W, stats.mean_abs.to(W.device), rank, C)
     A = f.A.to(weight.dtype)
     B = f.B.to(weight.dtype)
-    group.relative_error = fz.relative_error(W, A, B, C)
+    group.relative_error = fz.relative_error(W, A, B, C, total=float(f.spectrum.sum()))
     group.optimal_relative_error = fz.optimal_relative_error(f.spectrum, rank)
     tensors = {f"{group.bottleneck_name}.weight": B.contiguous()}
     for m in members:

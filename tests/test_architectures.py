@@ -25,6 +25,7 @@ FIRST_BLOCK = {"bert": "encoder.layer.0.", "gpt2": "transformer.h.0.", "gpt_bigc
                "codegen": "transformer.h.0."}
 
 
+@torch.no_grad()
 def outputs(model, batch):
     out = model(**batch)
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
