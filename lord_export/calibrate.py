@@ -170,8 +170,10 @@ class Calibrator:
                 return x[mask.reshape(-1).bool()]
             if name not in self._unmasked_warned:
                 self._unmasked_warned.add(name)
-                msg = f"layer {name!r}: input shape {tuple(x.shape)} does not line up with attention_mask " \
-                      f"{tuple(mask.shape)}; all its positions are used"
+                msg = (
+                    f"layer {name!r}: input shape {tuple(x.shape)} does not line up with attention_mask "
+                    f"{tuple(mask.shape)}; all its positions are used"
+                )
                 log.warning(msg)
                 self.warnings.append(msg)
         return x.reshape(-1, x.shape[-1])

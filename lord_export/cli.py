@@ -65,29 +65,50 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("model_dir", metavar="MODEL_DIR", help="a local Hugging Face model directory (safetensors)")
     c.add_argument("output_dir", metavar="OUTPUT_DIR", help="where to write the compressed model (must not exist)")
-    c.add_argument("--calib", nargs="+", required=True, metavar="PATH",
-                   help="calibration text/code files or folders (folders are read recursively)")
+    c.add_argument(
+        "--calib",
+        nargs="+",
+        required=True,
+        metavar="PATH",
+        help="calibration text/code files or folders (folders are read recursively)",
+    )
     c.add_argument("--rank-reduction", type=_rank_reduction, required=True, metavar="R", help=_help("rank_reduction"))
     c.add_argument("--method", choices=METHODS, default="lord", help=_help("method"))
-    c.add_argument("--targets", nargs="+", default=["all"], metavar="T",
-                   help=f"{_help('targets')}; presets: {', '.join(PRESETS)}")
+    c.add_argument(
+        "--targets", nargs="+", default=["all"], metavar="T", help=f"{_help('targets')}; presets: {', '.join(PRESETS)}"
+    )
     c.add_argument("--exclude", nargs="+", default=[], metavar="PATTERN", help=_help("exclude"))
     c.add_argument("--no-grouping", action="store_true", help="factorize every layer on its own (no shared bottleneck)")
     c.add_argument("--rank-multiple", type=_positive_int, default=1, metavar="M", help=_help("rank_multiple"))
     c.add_argument("--force", action="store_true", help=_help("force"))
-    c.add_argument("--calib-samples", type=_positive_int, default=DEFAULT_SAMPLES, metavar="N",
-                   help="number of calibration blocks")
-    c.add_argument("--calib-seqlen", type=_positive_int, default=None, metavar="L",
-                   help=f"tokens per calibration block (default: {DEFAULT_SEQLEN} or the model's maximum positions, "
-                   "whichever is smaller)")
-    c.add_argument("--calib-separator", default=None, metavar="S",
-                   help="split calibration files into documents on this string (e.g. '<|endoftext|>')")
+    c.add_argument(
+        "--calib-samples", type=_positive_int, default=DEFAULT_SAMPLES, metavar="N", help="number of calibration blocks"
+    )
+    c.add_argument(
+        "--calib-seqlen",
+        type=_positive_int,
+        default=None,
+        metavar="L",
+        help=f"tokens per calibration block (default: {DEFAULT_SEQLEN} or the model's maximum positions, "
+        "whichever is smaller)",
+    )
+    c.add_argument(
+        "--calib-separator",
+        default=None,
+        metavar="S",
+        help="split calibration files into documents on this string (e.g. '<|endoftext|>')",
+    )
     c.add_argument("--batch-size", type=_positive_int, default=8, help="calibration blocks per forward pass")
-    c.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                   help="dtype to load the model in (factors are stored in it)")
+    c.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help="dtype to load the model in (factors are stored in it)",
+    )
     c.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists")
-    c.add_argument("--trust-remote-code", action="store_true",
-                   help="allow model code from the model directory (off by default)")
+    c.add_argument(
+        "--trust-remote-code", action="store_true", help="allow model code from the model directory (off by default)"
+    )
     c.set_defaults(func=_compress)
     return parser
 

@@ -138,8 +138,13 @@ def compress_model_dir(
     report = plan.report
     report["source_model"] = str(model_dir)
     report["calibration"].update(
-        {"paths": [str(p) for p in calib], "samples": int(ids.shape[0]), "seqlen": seqlen, "separator": separator,
-         "tokens_in_blocks": int(mask.sum())}
+        {
+            "paths": [str(p) for p in calib],
+            "samples": int(ids.shape[0]),
+            "seqlen": seqlen,
+            "separator": separator,
+            "tokens_in_blocks": int(mask.sum()),
+        }
     )
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         write_into(tmp, model, plan, source_dir=model_dir, report=report)

@@ -69,9 +69,7 @@ class LordBottleneck(nn.Module):
 class LordLinear(nn.Module):
     """y = bottleneck(x) Aᵀ + bias: one member of a LoRD group."""
 
-    def __init__(
-        self, bottleneck: LordBottleneck, out_features: int, bias: bool, *, device=None, dtype=None
-    ) -> None:
+    def __init__(self, bottleneck: LordBottleneck, out_features: int, bias: bool, *, device=None, dtype=None) -> None:
         super().__init__()
         self.in_features = bottleneck.in_features
         self.out_features = out_features

@@ -104,6 +104,12 @@ class Plan:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     report: dict[str, Any] = field(default_factory=dict, repr=False)
 
+    def __repr__(self) -> str:
+        return (
+            f"Plan(method={self.config.method!r}, rank_reduction={self.config.rank_reduction}, "
+            f"groups={len(self.groups)}, factorized={len(self.factorized_groups)}, tensors={len(self.tensors)})"
+        )
+
     @property
     def factorized_groups(self) -> list[Group]:
         return [g for g in self.groups if g.factorized]

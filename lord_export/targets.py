@@ -122,9 +122,7 @@ def pattern_matches(pattern: str, name: str) -> bool:
     return name == pattern or name.endswith("." + pattern)
 
 
-def select_targets(
-    model: nn.Module, targets: Sequence[str] = ("all",), exclude: Sequence[str] = ()
-) -> list[str]:
+def select_targets(model: nn.Module, targets: Sequence[str] = ("all",), exclude: Sequence[str] = ()) -> list[str]:
     """Names of the linear layers selected by ``targets`` minus ``exclude``, in module order.
 
     Raises TargetError when a pattern matches nothing (listing what exists) or nothing is left.

@@ -38,22 +38,75 @@ def _configs() -> dict:
 
     common = dict(vocab_size=VOCAB, max_position_embeddings=128)
     return {
-        "llama": (tf.LlamaForCausalLM, tf.LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                                                     num_attention_heads=4, num_key_value_heads=2, **common)),
-        "mistral": (tf.MistralForCausalLM, tf.MistralConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                                                           num_attention_heads=4, num_key_value_heads=2, **common)),
-        "qwen2": (tf.Qwen2ForCausalLM, tf.Qwen2Config(hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                                                     num_attention_heads=4, num_key_value_heads=2, **common)),
+        "llama": (
+            tf.LlamaForCausalLM,
+            tf.LlamaConfig(
+                hidden_size=64,
+                intermediate_size=160,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                **common,
+            ),
+        ),
+        "mistral": (
+            tf.MistralForCausalLM,
+            tf.MistralConfig(
+                hidden_size=64,
+                intermediate_size=160,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                **common,
+            ),
+        ),
+        "qwen2": (
+            tf.Qwen2ForCausalLM,
+            tf.Qwen2Config(
+                hidden_size=64,
+                intermediate_size=160,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                **common,
+            ),
+        ),
         "gpt2": (tf.GPT2LMHeadModel, tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128)),
-        "gpt_bigcode": (tf.GPTBigCodeForCausalLM, tf.GPTBigCodeConfig(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4,
-                                                                     n_positions=128, multi_query=True)),
-        "codegen": (tf.CodeGenForCausalLM, tf.CodeGenConfig(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4,
-                                                            rotary_dim=8, n_positions=128, n_ctx=128)),
-        "phi3": (tf.Phi3ForCausalLM, tf.Phi3Config(hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                                                  num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
-                                                  bos_token_id=1, eos_token_id=2, **common)),
-        "bert": (tf.BertModel, tf.BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
-                                            num_attention_heads=4, intermediate_size=128, max_position_embeddings=128)),
+        "gpt_bigcode": (
+            tf.GPTBigCodeForCausalLM,
+            tf.GPTBigCodeConfig(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128, multi_query=True),
+        ),
+        "codegen": (
+            tf.CodeGenForCausalLM,
+            tf.CodeGenConfig(
+                vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=128, n_ctx=128
+            ),
+        ),
+        "phi3": (
+            tf.Phi3ForCausalLM,
+            tf.Phi3Config(
+                hidden_size=64,
+                intermediate_size=160,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                pad_token_id=0,
+                bos_token_id=1,
+                eos_token_id=2,
+                **common,
+            ),
+        ),
+        "bert": (
+            tf.BertModel,
+            tf.BertConfig(
+                vocab_size=VOCAB,
+                hidden_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=128,
+                max_position_embeddings=128,
+            ),
+        ),
     }
 
 
@@ -90,8 +143,11 @@ def make_tokenizer(directory: Path) -> None:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB - 4, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB - 4,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     text = [f"def f{i}(x):\n    return x * {i} + {i * i}\n" for i in range(200)]
     tok.train_from_iterator(text, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")

@@ -21,8 +21,12 @@ FIRST_BLOCK_GROUPS = {
     "phi3": [["o_proj"], ["qkv_proj"], ["gate_up_proj"], ["down_proj"]],  # Phi-3 defines o_proj first
     "bert": [["query", "key", "value"], ["dense"], ["dense"], ["dense"]],
 }
-FIRST_BLOCK = {"bert": "encoder.layer.0.", "gpt2": "transformer.h.0.", "gpt_bigcode": "transformer.h.0.",
-               "codegen": "transformer.h.0."}
+FIRST_BLOCK = {
+    "bert": "encoder.layer.0.",
+    "gpt2": "transformer.h.0.",
+    "gpt_bigcode": "transformer.h.0.",
+    "codegen": "transformer.h.0.",
+}
 
 
 @torch.no_grad()

@@ -53,9 +53,15 @@ def test_padding_positions_do_not_enter_c():
 
 def test_llama_groups_by_what_hooks_saw():
     model = tiny_model("llama")
-    names = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj",
-             "model.layers.0.self_attn.o_proj", "model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj",
-             "model.layers.0.mlp.down_proj"]
+    names = [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.0.self_attn.k_proj",
+        "model.layers.0.self_attn.v_proj",
+        "model.layers.0.self_attn.o_proj",
+        "model.layers.0.mlp.gate_proj",
+        "model.layers.0.mlp.up_proj",
+        "model.layers.0.mlp.down_proj",
+    ]
     cal = calibrate(model, correlated_batches(1), names)
     keys = [cal.input_of[n] for n in names]
     assert keys[0] == keys[1] == keys[2] and keys[4] == keys[5]

@@ -15,15 +15,26 @@ import lord_export as le
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lord_export.cli", *args], capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run([sys.executable, "-m", "lord_export.cli", *args], capture_output=True, text=True, timeout=600)
 
 
 def test_compress_writes_a_loadable_directory_with_a_report(tiny_llama_dir, code_corpus, tmp_path):
     out = tmp_path / "lord"
     before = {p.name: p.read_bytes() for p in tiny_llama_dir.iterdir()}
-    proc = run_cli("compress", str(tiny_llama_dir), str(out), "--calib", str(code_corpus), "--rank-reduction", "0.5",
-                   "--calib-samples", "16", "--calib-seqlen", "64", "-q")
+    proc = run_cli(
+        "compress",
+        str(tiny_llama_dir),
+        str(out),
+        "--calib",
+        str(code_corpus),
+        "--rank-reduction",
+        "0.5",
+        "--calib-samples",
+        "16",
+        "--calib-seqlen",
+        "64",
+        "-q",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "group(s) factorized" in proc.stdout
     assert {p.name: p.read_bytes() for p in tiny_llama_dir.iterdir()} == before  # input untouched
@@ -34,8 +45,18 @@ def test_compress_writes_a_loadable_directory_with_a_report(tiny_llama_dir, code
     assert report["params_after"] < report["params_before"]
     assert report["calibration"]["tokens"] == 16 * 64
     for g in report["groups"]:
-        for key in ("members", "d_in", "d_out", "rank", "parity_rank", "factorized", "reason", "calibration_tokens",
-                    "relative_error", "optimal_relative_error"):
+        for key in (
+            "members",
+            "d_in",
+            "d_out",
+            "rank",
+            "parity_rank",
+            "factorized",
+            "reason",
+            "calibration_tokens",
+            "relative_error",
+            "optimal_relative_error",
+        ):
             assert key in g
         if g["factorized"]:
             assert g["relative_error"] == pytest.approx(g["optimal_relative_error"], rel=1e-3)  # float32 factors
@@ -48,9 +69,28 @@ def test_compress_writes_a_loadable_directory_with_a_report(tiny_llama_dir, code
 
 def test_svd_method_and_targets(tiny_llama_dir, code_corpus, tmp_path):
     out = tmp_path / "svd"
-    proc = run_cli("compress", str(tiny_llama_dir), str(out), "--calib", str(code_corpus), "--rank-reduction", "0.6",
-                   "--method", "svd", "--targets", "mlp", "--exclude", "re:.*layers\\.1\\..*", "--rank-multiple", "8",
-                   "--calib-samples", "4", "--calib-seqlen", "64", "-q")
+    proc = run_cli(
+        "compress",
+        str(tiny_llama_dir),
+        str(out),
+        "--calib",
+        str(code_corpus),
+        "--rank-reduction",
+        "0.6",
+        "--method",
+        "svd",
+        "--targets",
+        "mlp",
+        "--exclude",
+        "re:.*layers\\.1\\..*",
+        "--rank-multiple",
+        "8",
+        "--calib-samples",
+        "4",
+        "--calib-seqlen",
+        "64",
+        "-q",
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads((out / "report.json").read_text())
     members = [m["name"] for g in report["groups"] for m in g["members"]]
@@ -79,8 +119,18 @@ BAD = {
 def test_bad_arguments_exit_2_and_write_nothing(case, tiny_llama_dir, code_corpus, tmp_path):
     args, message = BAD[case]
     out = tmp_path / "out"
-    proc = run_cli("compress", str(tiny_llama_dir), str(out), "--calib", str(code_corpus), "--calib-samples", "2",
-                   "--calib-seqlen", "32", *args)
+    proc = run_cli(
+        "compress",
+        str(tiny_llama_dir),
+        str(out),
+        "--calib",
+        str(code_corpus),
+        "--calib-samples",
+        "2",
+        "--calib-seqlen",
+        "32",
+        *args,
+    )
     assert proc.returncode == 2
     assert message in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(("lord-export: error:", "lord-export compress: error:"))
@@ -117,8 +167,20 @@ def test_existing_output_is_refused_unless_overwrite(tiny_llama_dir, code_corpus
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
-    common = ["compress", str(tiny_llama_dir), str(out), "--calib", str(code_corpus), "--rank-reduction", "0.5",
-              "--calib-samples", "2", "--calib-seqlen", "32", "-q"]
+    common = [
+        "compress",
+        str(tiny_llama_dir),
+        str(out),
+        "--calib",
+        str(code_corpus),
+        "--rank-reduction",
+        "0.5",
+        "--calib-samples",
+        "2",
+        "--calib-seqlen",
+        "32",
+        "-q",
+    ]
     proc = run_cli(*common)
     assert proc.returncode == 2 and "already exists" in proc.stderr
     assert (out / "keep.txt").read_text() == "precious"
@@ -143,8 +205,17 @@ def test_help_explains_the_knobs():
     proc = run_cli("compress", "--help")
     assert proc.returncode == 0
     text = " ".join(proc.stdout.split())
-    for flag in ("--rank-reduction", "--calib", "--targets", "--method", "--rank-multiple", "--force", "--overwrite",
-                 "mlp-down", "min(sum d_out, d_in)"):
+    for flag in (
+        "--rank-reduction",
+        "--calib",
+        "--targets",
+        "--method",
+        "--rank-multiple",
+        "--force",
+        "--overwrite",
+        "mlp-down",
+        "min(sum d_out, d_in)",
+    ):
         assert flag in text
 
 

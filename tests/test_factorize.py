@@ -31,8 +31,11 @@ def test_full_rank_reproduces_the_layer(d_out, d_in, method):
     X = correlated_inputs(d_in, 200, seed=0)
     C = X @ X.T
     r = min(d_out, d_in)
-    f = {"lord": lambda: fz.lord(W, C, r), "svd": lambda: fz.svd(W, r, C),
-         "asvd": lambda: fz.asvd(W, X.abs().mean(1), r, C)}[method]()
+    f = {
+        "lord": lambda: fz.lord(W, C, r),
+        "svd": lambda: fz.svd(W, r, C),
+        "asvd": lambda: fz.asvd(W, X.abs().mean(1), r, C),
+    }[method]()
     assert direct_error(W, f.A, f.B, X) < 1e-6
     assert fz.relative_error(W, f.A, f.B, C) < 1e-6
 
@@ -54,9 +57,7 @@ def test_lord_error_equals_closed_form_bound(d_out, d_in, rank):
 
 
 @settings(max_examples=25, deadline=None)
-@given(
-    d_out=st.integers(2, 40), d_in=st.integers(2, 40), frac=st.floats(0.05, 0.95), seed=st.integers(0, 10_000)
-)
+@given(d_out=st.integers(2, 40), d_in=st.integers(2, 40), frac=st.floats(0.05, 0.95), seed=st.integers(0, 10_000))
 def test_lord_never_worse_than_svd_or_asvd(d_out, d_in, frac, seed):
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
@@ -97,8 +98,15 @@ def test_grouped_parameter_count():
 
 @pytest.mark.parametrize(
     "d_out,d_in,rr,multiple,expected",
-    [(64, 64, 0.3, 1, 45), (64, 64, 0.0, 1, 64), (256, 64, 0.5, 1, 32), (64, 64, 0.3, 8, 48),
-     (64, 64, 0.99, 8, 8), (100, 30, 0.3, 64, 30), (10, 10, 0.96, 1, 1)],
+    [
+        (64, 64, 0.3, 1, 45),
+        (64, 64, 0.0, 1, 64),
+        (256, 64, 0.5, 1, 32),
+        (64, 64, 0.3, 8, 48),
+        (64, 64, 0.99, 8, 8),
+        (100, 30, 0.3, 64, 30),
+        (10, 10, 0.96, 1, 1),
+    ],
 )
 def test_rank_for(d_out, d_in, rr, multiple, expected):
     assert fz.rank_for(d_out, d_in, rr, multiple) == expected

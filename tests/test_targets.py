@@ -15,8 +15,19 @@ def leaves(names):
 @pytest.mark.parametrize(
     "arch,preset,expected",
     [
-        ("llama", "all", ["mlp.down_proj", "mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj", "self_attn.o_proj",
-                          "self_attn.q_proj", "self_attn.v_proj"]),
+        (
+            "llama",
+            "all",
+            [
+                "mlp.down_proj",
+                "mlp.gate_proj",
+                "mlp.up_proj",
+                "self_attn.k_proj",
+                "self_attn.o_proj",
+                "self_attn.q_proj",
+                "self_attn.v_proj",
+            ],
+        ),
         ("llama", "attention", ["self_attn.k_proj", "self_attn.o_proj", "self_attn.q_proj", "self_attn.v_proj"]),
         ("llama", "mlp", ["mlp.down_proj", "mlp.gate_proj", "mlp.up_proj"]),
         ("llama", "mlp-down", ["mlp.down_proj"]),
@@ -48,8 +59,13 @@ def test_lm_head_never_in_presets_but_can_be_named():
 def test_patterns_and_excludes():
     model = tiny_model("llama")
     got = select_targets(model, ("re:.*layers\\.1\\..*proj",), exclude=("o_proj", "mlp-down"))
-    assert got == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.k_proj",
-                   "model.layers.1.self_attn.v_proj", "model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"]
+    assert got == [
+        "model.layers.1.self_attn.q_proj",
+        "model.layers.1.self_attn.k_proj",
+        "model.layers.1.self_attn.v_proj",
+        "model.layers.1.mlp.gate_proj",
+        "model.layers.1.mlp.up_proj",
+    ]
 
 
 @pytest.mark.parametrize("targets,exclude", [(("qkv_proj",), ()), (("all",), ("nope",)), (("re:foo.*",), ())])

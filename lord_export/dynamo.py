@@ -1,0 +1,158 @@
+"""torch.compile integration: rewrite each dynamo graph with a plan, then hand it to inductor.
+
+``torch.compile(dense_model, backend="lord", options={"plan": PATH})`` works without importing
+lord_export (the backend is registered through the ``torch_dynamo_backends`` entry point). Each
+graph dynamo produces (one per graph break) gets the planned linears it contains rewritten, and
+repeated bottleneck GEMMs of an eager LoRD model merged. The rewrite works on a copy of dynamo's
+graph (dynamo keeps its own for guards); the factors become buffers of that copy, which inductor
+treats like module parameters (static shapes), so dynamic batch/sequence dims stay dynamic.
+
+Options (all optional except where noted):
+
+* ``plan``: a compressed-model directory, a ``lord_plan.json`` path, or a :class:`Plan` with
+  tensors. Without a plan the backend only merges repeated bottlenecks (for eager LoRD models).
+* ``backend``: the compiler to hand the rewritten graph to: ``"inductor"`` (default), ``"eager"``
+  or any registered dynamo backend name.
+* ``inductor_options``: a dict of inductor config patches (what ``options=`` would be for
+  ``backend="inductor"``).
+* ``up``: ``"separate"`` (default) or ``"concat"`` up-projections.
+
+Pipelines that already call ``torch.compile(..., backend="inductor", options={...})`` switch to
+``backend="lord", options={"plan": PATH, "inductor_options": {...}}``, or build the backend
+with :func:`make_backend` and pass the callable.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx
+
+from .errors import UsageError
+from .passes.factorize_linears import _fake_mode_of, copy_graph_module, factorize_linears, find_sites
+from .passes.share_bottlenecks import share_bottlenecks
+from .plan import Plan
+
+log = logging.getLogger(__name__)
+
+_OPTION_KEYS = {"plan", "backend", "inductor_options", "up"}
+
+
+def placeholder_suffix(param_name: str) -> str:
+    """How dynamo names the placeholder of ``self.<param_name>``: ``..._modules_a_modules_b_parameters_weight_``."""
+    *mods, leaf = param_name.split(".")
+    return "".join(f"_modules_{m}" for m in mods) + f"_parameters_{leaf}_"
+
+
+def rewrite_dynamo_graph(
+    gm: fx.GraphModule, example_inputs: Sequence[Any], plan: Plan | None, *, up: str = "separate"
+) -> tuple[fx.GraphModule, list[torch.Tensor]]:
+    """Rewrite a copy of a dynamo graph (dynamo keeps using its own); return the copy and the
+    factor tensors, which are buffers of the copy (``get_attr`` nodes with static fake values:
+    AOT autograd lifts them like module parameters, with static shapes)."""
+    gm = copy_graph_module(gm)
+    share_bottlenecks(gm.graph)
+    extra: list[torch.Tensor] = []
+    if plan is None or not plan.factorized_groups:
+        gm.recompile()
+        return gm, extra
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    real = dict(zip(placeholders, example_inputs, strict=False))
+    wanted = {placeholder_suffix(f"{m.name}.weight"): m for g in plan.factorized_groups for m in g.members}
+    names: dict[fx.Node, str] = {}
+    for node in placeholders:
+        for suffix, member in wanted.items():
+            if str(node.target).endswith(suffix):
+                names[node] = f"{member.name}.weight"
+                _check_real_weight(member, real.get(node))
+                break
+    sites = find_sites(gm.graph, names.get)
+    if not sites:
+        gm.recompile()
+        return gm, extra
+    fake_mode = _fake_mode_of([n.meta["example_value"] for n in placeholders if "example_value" in n.meta])
+
+    def bind(key: str, tensor: torch.Tensor) -> fx.Node:
+        name = f"lord_factor_{len(extra)}"
+        t = tensor.detach().to(_device_of(real))
+        gm.register_buffer(name, t)
+        node = gm.graph.get_attr(name)
+        if fake_mode is not None:
+            node.meta["example_value"] = fake_mode.from_tensor(t, static_shapes=True)
+        extra.append(t)
+        return node
+
+    # no eliminate_dead_code here: dynamo graphs hold side-effecting ops (e.g. functorch's vmap
+    # nesting calls) whose results are unused; the dense weights stay as (now unused) inputs.
+    n = factorize_linears(gm.graph, plan, sites, bind, require_all=False, up=up)
+    share_bottlenecks(gm.graph)
+    gm.graph.lint()
+    gm.recompile()
+    log.debug("dynamo graph: %d group(s) factorized, %d factor tensor(s) added", n, len(extra))
+    return gm, extra
+
+
+def _device_of(real: dict) -> torch.device:
+    for t in real.values():
+        if isinstance(t, torch.Tensor) and t.dim() >= 2:
+            return t.device
+    return torch.device("cpu")
+
+
+def _check_real_weight(member, tensor: Any) -> None:
+    from .errors import PlanError
+
+    if not isinstance(tensor, torch.Tensor):
+        return
+    shape = tuple(tensor.shape)
+    expected = (member.d_in, member.d_out) if member.transposed else (member.d_out, member.d_in)
+    if shape != expected:
+        raise PlanError(f"{member.name}: the compiled model's weight is {shape}, the plan expects {expected}")
+
+
+@functools.lru_cache(maxsize=8)
+def _read_plan_cached(path: str) -> Plan:
+    from .io import read_plan
+
+    return read_plan(path)
+
+
+def resolve_plan(plan: Any) -> Plan | None:
+    if plan is None or isinstance(plan, Plan):
+        return plan
+    if isinstance(plan, (str, Path)):
+        return _read_plan_cached(str(Path(plan).absolute()))
+    raise UsageError(f"option 'plan' must be a path or a Plan, got {type(plan).__name__}")
+
+
+def compile_inner(gm: fx.GraphModule, inputs: list, backend: Any, inductor_options: dict | None) -> Callable:
+    """Hand the rewritten graph to inductor or another dynamo backend."""
+    if backend in (None, "inductor"):
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(gm, inputs, config_patches=inductor_options or {})
+    if backend == "eager":
+        return gm.forward
+    fn = torch._dynamo.lookup_backend(backend) if isinstance(backend, str) else backend
+    return fn(gm, inputs)
+
+
+def lord_backend(gm: fx.GraphModule, example_inputs: list, *, options: dict | None = None, mode: Any = None):
+    """The ``lord`` dynamo backend (see the module docstring for options)."""
+    options = dict(options or {})
+    unknown = set(options) - _OPTION_KEYS
+    if unknown:
+        raise UsageError(f"unknown option(s) {sorted(unknown)} for backend 'lord'; known: {sorted(_OPTION_KEYS)}")
+    plan = resolve_plan(options.get("plan"))
+    gm, _ = rewrite_dynamo_graph(gm, example_inputs, plan, up=options.get("up", "separate"))
+    return compile_inner(gm, list(example_inputs), options.get("backend"), options.get("inductor_options"))
+
+
+def make_backend(**options: Any) -> Callable:
+    """A backend callable with ``options`` bound: ``torch.compile(model, backend=make_backend(plan=PATH))``."""
+    return functools.partial(lord_backend, options=options)

@@ -1,0 +1,233 @@
+"""Rewrite dense linear nodes of an FX graph into grouped low-rank pairs.
+
+For every factorized group of a plan whose members appear in the graph, the pass inserts ONE
+bottleneck GEMM on the shared input, h = x Bᵀ, and one up-projection per member, y = h Aᵀ + b
+(or, with ``up="concat"``, one up-projection with the members' A stacked, followed by a split).
+The member nodes' users are rewired and the dense nodes erased.
+
+The pass is graph-kind agnostic: a caller finds the *sites* (which node computes which planned
+layer, see :func:`find_sites`) and supplies ``bind(name, tensor) -> Node``, the way new tensors
+enter its kind of graph (``get_attr`` on a GraphModule, a parameter placeholder in an exported
+program, an extra placeholder in a dynamo graph). Recognized dense linears:
+
+* ``F.linear(x, W, b)`` (= ``torch._C._nn.linear``, dynamo and fx graphs), ``aten.linear.default``
+  (torch.export), and ``call_module`` of an ``nn.Linear`` leaf (``symbolic_trace``);
+* ``addmm(b, x, W)`` / ``aten.addmm.default`` for transformers' ``Conv1D`` (weight d_in × d_out).
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from ..errors import PlanError
+from ..plan import Group, Plan
+
+log = logging.getLogger(__name__)
+
+aten = torch.ops.aten
+LINEAR_TARGETS = (F.linear, aten.linear.default)
+ADDMM_TARGETS = (torch.addmm, aten.addmm.default)
+
+Bind = Callable[[str, torch.Tensor], fx.Node]
+
+
+@dataclass
+class Site:
+    """A dense layer computed by ``node``: y = linear(input, W, bias) or addmm(bias, input, W)."""
+
+    node: fx.Node
+    input: fx.Node
+    bias: fx.Node | None
+    kind: str  # "linear" | "addmm" | "module"
+    aten: bool  # emit aten ops (exported programs) instead of torch functions
+
+
+def find_sites(graph: fx.Graph, weight_name: Callable[[fx.Node], str | None], modules: dict | None = None) -> dict:
+    """Map layer name → Site for every dense linear whose weight ``weight_name`` can name.
+
+    ``weight_name(node)`` returns the fully qualified parameter name (``...q_proj.weight``) of a
+    weight-producing node, or None. ``modules`` (a GraphModule's named modules) enables
+    ``call_module`` sites of nn.Linear leaves.
+    """
+    sites: dict[str, Site] = {}
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target in LINEAR_TARGETS:
+            x, w = node.args[0], node.args[1]
+            b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+            name = weight_name(w) if isinstance(w, fx.Node) else None
+            kind = "linear"
+        elif node.op == "call_function" and node.target in ADDMM_TARGETS and not node.kwargs:
+            if len(node.args) != 3:
+                continue
+            b, x, w = node.args
+            name = weight_name(w) if isinstance(w, fx.Node) else None
+            kind = "addmm"
+        elif node.op == "call_module" and modules is not None and isinstance(modules.get(node.target), torch.nn.Linear):
+            x, b = node.args[0], None
+            name = f"{node.target}.weight"
+            kind = "module"
+        else:
+            continue
+        if name is None or not name.endswith(".weight"):
+            continue
+        layer = name[: -len(".weight")]
+        sites[layer] = Site(
+            node,
+            x,
+            b if isinstance(b, fx.Node) else None,
+            kind,
+            node.target in (aten.linear.default, aten.addmm.default),
+        )
+    return sites
+
+
+def check_sites(plan: Plan, sites: dict[str, Site], *, require_all: bool) -> list[Group]:
+    """The groups to rewrite. Raises PlanError for a planned layer the graph lacks (if
+    ``require_all``) or for members of one group that do not read the same input."""
+    groups, missing = [], []
+    for g in plan.factorized_groups:
+        present = [m for m in g.members if m.name in sites]
+        missing += [m.name for m in g.members if m.name not in sites]
+        if not present:
+            continue
+        inputs = {sites[m.name].input for m in present}
+        if len(inputs) != 1:
+            raise PlanError(f"members of group {g.name} read different inputs in this graph; cannot share B")
+        groups.append(g)
+    if missing and require_all:
+        shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+        raise PlanError(f"the plan names layers this graph has no dense linear for: {shown}")
+    return groups
+
+
+def factorize_linears(
+    graph: fx.Graph,
+    plan: Plan,
+    sites: dict[str, Site],
+    bind: Bind,
+    *,
+    require_all: bool = True,
+    up: str = "separate",
+) -> int:
+    """Rewrite the planned sites of ``graph`` in place; return the number of groups rewritten."""
+    if up not in ("separate", "concat"):
+        raise ValueError(f"up must be 'separate' or 'concat', got {up!r}")
+    groups = check_sites(plan, sites, require_all=require_all)
+    for g in groups:
+        before = set(graph.nodes)
+        members = [m for m in g.members if m.name in sites]
+        first = min((sites[m.name].node for m in members), key=_position(graph))
+        site0 = sites[members[0].name]
+        x, use_aten = site0.input, site0.aten
+        transposed = site0.kind == "addmm"
+        B = plan.tensors[f"{g.bottleneck_name}.weight"]
+        with graph.inserting_before(first):
+            b_node = bind(f"{g.bottleneck_name}.weight", B.T.contiguous() if transposed else B)
+            h = _gemm(graph, x, b_node, None, transposed, use_aten)
+            _copy_meta(first, h)
+            if up == "concat" and len(members) > 1:
+                outs = _concat_up(graph, plan, g, members, sites, h, bind, transposed, use_aten)
+            else:
+                outs = []
+                for m in members:
+                    A = plan.tensors[f"{m.name}.weight"]
+                    a_node = bind(f"{m.name}.weight", A.T.contiguous() if transposed else A)
+                    bias = _bias_node(plan, m, sites[m.name], bind)
+                    outs.append(_gemm(graph, h, a_node, bias, transposed, use_aten))
+        for node in graph.nodes:
+            if node not in before:
+                _propagate_fake_value(node)
+        for m, out in zip(members, outs, strict=True):
+            old = sites[m.name].node
+            _copy_meta(old, out)
+            old.replace_all_uses_with(out)
+            graph.erase_node(old)
+        log.debug("factorized %s (rank %d, %d member(s) in this graph)", g.name, g.rank, len(members))
+    return len(groups)
+
+
+def _bias_node(plan: Plan, member, site: Site, bind: Bind) -> fx.Node | None:
+    if not member.has_bias:
+        return None
+    if site.bias is not None:
+        return site.bias  # reuse the graph's own bias tensor
+    return bind(f"{member.name}.bias", plan.tensors[f"{member.name}.bias"])
+
+
+def _gemm(graph: fx.Graph, x: fx.Node, w: fx.Node, bias: fx.Node | None, transposed: bool, use_aten: bool) -> fx.Node:
+    """linear(x, w, bias), or for transposed (Conv1D) weights mm/addmm(x, w)."""
+    if not transposed:
+        if use_aten:
+            return graph.call_function(aten.linear.default, (x, w) if bias is None else (x, w, bias))
+        return graph.call_function(F.linear, (x, w, bias))
+    if bias is None:
+        return graph.call_function(aten.mm.default if use_aten else torch.mm, (x, w))
+    return graph.call_function(aten.addmm.default if use_aten else torch.addmm, (bias, x, w))
+
+
+def _concat_up(graph, plan, g, members, sites, h, bind, transposed, use_aten):
+    A = torch.cat([plan.tensors[f"{m.name}.weight"] for m in members])
+    a_node = bind(f"{g.bottleneck_name}.up_concat", A.T.contiguous() if transposed else A)
+    biases = [plan.tensors.get(f"{m.name}.bias") for m in members]
+    bias = None
+    if any(b is not None for b in biases):
+        full = torch.cat([b if b is not None else A.new_zeros(m.d_out) for b, m in zip(biases, members, strict=True)])
+        bias = bind(f"{g.bottleneck_name}.bias_concat", full)
+    y = _gemm(graph, h, a_node, bias, transposed, use_aten)
+    sizes = [m.d_out for m in members]
+    if use_aten:
+        parts = graph.call_function(aten.split_with_sizes.default, (y, sizes, -1))
+    else:
+        parts = graph.call_function(torch.split, (y, sizes), {"dim": -1})
+    return [graph.call_function(operator.getitem, (parts, i)) for i in range(len(members))]
+
+
+def _position(graph: fx.Graph) -> Callable[[fx.Node], int]:
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    return lambda n: order[n]
+
+
+def _propagate_fake_value(node: fx.Node) -> None:
+    """Give a new call_function node the fake value ("val" or "example_value") its inputs have."""
+    if node.op != "call_function":
+        return
+    for key in ("val", "example_value"):
+        inputs = [a for a in node.all_input_nodes]
+        if not inputs or not all(key in a.meta for a in inputs):
+            continue
+        args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda a, k=key: a.meta[k])
+        mode = _fake_mode_of([a.meta[key] for a in inputs])
+        if mode is None:
+            continue
+        with mode:
+            node.meta[key] = node.target(*args, **kwargs)
+
+
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A GraphModule over a copy of ``gm``'s graph (node meta copied), sharing its attributes."""
+    new_graph = fx.Graph()
+    out = new_graph.graph_copy(gm.graph, {})
+    new_graph.output(out)
+    return fx.GraphModule(gm, new_graph)
+
+
+def _fake_mode_of(values: list) -> object | None:
+    """The fake mode the values themselves belong to (not the ambient tracing context's)."""
+    for v in torch.utils._pytree.tree_leaves(values):
+        mode = getattr(v, "fake_mode", None)
+        if mode is not None:
+            return mode
+    return None
+
+
+def _copy_meta(src: fx.Node, dst: fx.Node) -> None:
+    for key in ("nn_module_stack", "stack_trace", "source_fn_stack", "from_node", "seq_nr"):
+        if key in src.meta and key not in dst.meta:
+            dst.meta[key] = src.meta[key]
