@@ -110,6 +110,36 @@ def build_parser() -> argparse.ArgumentParser:
         "--trust-remote-code", action="store_true", help="allow model code from the model directory (off by default)"
     )
     c.set_defaults(func=_compress)
+
+    e = sub.add_parser(
+        "export",
+        help="export a (LoRD or dense) model directory to ONNX or TensorRT",
+        description="Export MODEL_DIR (an output of 'lord-export compress', or a dense model) to OUTPUT_DIR. "
+        "ONNX: torch.export + the graph pass (one bottleneck MatMul per group) + torch.onnx (dynamo), "
+        "dynamic batch/sequence axes, onnx.checker full check, and a validation run in ONNX Runtime "
+        "(CUDA when available, else CPU) that fails the export above the tolerance. "
+        "TensorRT: the same ONNX, checked for TensorRT-supported operators, built into engine.plan.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        parents=[common],
+    )
+    e.add_argument("model_dir", metavar="MODEL_DIR")
+    e.add_argument("output_dir", metavar="OUTPUT_DIR")
+    e.add_argument("--format", choices=["onnx", "tensorrt"], default="onnx", help="what to produce")
+    e.add_argument("--opset", type=_positive_int, default=18, help="ONNX opset")
+    e.add_argument(
+        "--dtype",
+        choices=["float32", "float16"],
+        default="float32",
+        help="export dtype (float16 for GPUs; TensorRT engines take their precision from it)",
+    )
+    e.add_argument(
+        "--int8",
+        action="store_true",
+        help="also write model.int8.onnx (ONNX Runtime dynamic int8 quantization) and report its error",
+    )
+    e.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime validation run")
+    e.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists")
+    e.set_defaults(func=_export)
     return parser
 
 
@@ -150,6 +180,54 @@ def _compress(args: argparse.Namespace) -> int:
     )
     for w in report["warnings"]:
         print(f"warning: {w}", file=sys.stderr)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .onnx_export import ValidationError, export_onnx, quantize_int8
+
+    if args.format == "tensorrt":
+        from .tensorrt_export import require_tensorrt
+
+        require_tensorrt("tensorrt")  # fail before any work when TensorRT is missing
+    try:
+        report = export_onnx(
+            args.model_dir,
+            args.output_dir,
+            opset=args.opset,
+            dtype=args.dtype,
+            validate=not args.no_validate,
+            overwrite=args.overwrite,
+        )
+    except ValidationError as err:
+        print(f"{PROG}: failed: {err}; the ONNX is kept in {args.output_dir}.failed for inspection", file=sys.stderr)
+        return 1
+    v = report.get("validation") or {}
+    print(
+        f"wrote {report['path']} (opset {report['opset']}, {report['dtype']}, {report['onnx_bytes']:,} bytes): "
+        f"{report['bottleneck_matmuls']} bottleneck MatMul(s) for {report['factorized_groups']} factorized group(s), "
+        f"{report['up_projection_matmuls']} up-projection(s)"
+    )
+    if v:
+        print(
+            f"validated in ONNX Runtime ({v['provider']}): max abs error {v['max_abs_error']:.3g}, "
+            f"relative {v['max_rel_error']:.3g} <= {v['tolerance']:g}"
+        )
+    if args.int8:
+        q = quantize_int8(args.output_dir)
+        print(
+            f"wrote {q['path']}: {q['bytes_int8']:,} bytes ({q['bytes_int8'] / q['bytes_float']:.2f}x), "
+            f"max relative error vs float {q['max_rel_error_vs_float']:.3g}, top-1 agreement {q['top1_agreement']:.3f}"
+        )
+    if args.format == "tensorrt":
+        from pathlib import Path
+
+        from .tensorrt_export import build_engine, make_profiles
+
+        plan = build_engine(
+            Path(args.output_dir) / "model.onnx", Path(args.output_dir) / "engine.plan", make_profiles(report["inputs"])
+        )
+        print(f"wrote {plan}")
     return 0
 
 
