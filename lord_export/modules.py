@@ -40,7 +40,7 @@ class LordBottleneck(nn.Module):
         """The bottleneck of ``x``, computed at most once for all members of the group."""
         if self.n_members == 1 or _symbolic(x):
             return self(x)
-        version = getattr(x, "_version", None)
+        version = None if x.is_inference() else x._version  # inference tensors have no version counter
         if self._input is x and self._version == version and self._output is not None:
             out = self._output
         else:

@@ -66,3 +66,14 @@ def test_cache_respects_in_place_changes_and_new_inputs():
     x.mul_(2)  # same tensor object, new version: b must not reuse a's bottleneck
     torch.testing.assert_close(model.b(x), model.b(x.clone()))
     assert not torch.allclose(ha, model.a(x))
+
+
+def test_shared_bottleneck_under_inference_mode():
+    """Inference tensors have no version counter; the cache must still work (optimum validates so)."""
+    model = PlainMLP()
+    xs = [torch.randn(32, 24) for _ in range(3)]
+    le.compress(model, lambda m: [m(x) for x in xs], rank_reduction=0.5, force=True)
+    x = torch.randn(4, 24)
+    with torch.inference_mode():
+        y = model(x)
+    torch.testing.assert_close(y, model(x))

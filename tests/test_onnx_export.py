@@ -97,8 +97,10 @@ def test_stories260k_onnx_perplexity_equals_pytorch(tmp_path):
     for w in windows:  # one window per run: no padding
         x = np.array([w], dtype=np.int64)
         logits = session.run(None, {"input_ids": x, "attention_mask": np.ones_like(x)})[0][0].astype(np.float64)
-        logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(
-            -1, keepdims=True
+        logp = (
+            logits
+            - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+            - logits.max(-1, keepdims=True)
         )
         nll -= float(logp[np.arange(len(w) - 1), w[1:]].sum())
         count += len(w) - 1
@@ -165,14 +167,18 @@ def test_tensorrt_prechecks():
         check_profile(Profile("input_ids", (1,), (1, 4), (1, 16)))
     node = onnx.helper.make_node("Unique", ["x"], ["y"])
     graph = onnx.helper.make_graph(
-        [node], "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4])],
+        [node],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4])],
         [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [None])],
     )
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
     assert unsupported_ops(model) == {"Unique": 1}
     with pytest.raises(le.UsageError, match="Unique"):
         check_onnx_for_tensorrt(model)
-    old = onnx.helper.make_model(onnx.helper.make_graph([], "g", [], []), opset_imports=[onnx.helper.make_opsetid("", 21)])
+    old = onnx.helper.make_model(
+        onnx.helper.make_graph([], "g", [], []), opset_imports=[onnx.helper.make_opsetid("", 21)]
+    )
     with pytest.raises(le.UsageError, match="opsets 9..20"):
         check_onnx_for_tensorrt(old)
 
