@@ -137,9 +137,35 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also write model.int8.onnx (ONNX Runtime dynamic int8 quantization) and report its error",
     )
+    e.add_argument(
+        "--with-past",
+        action="store_true",
+        help="causal LMs: export with KV-cache inputs/outputs (optimum's decoder-with-past layout, "
+        "loads with optimum.onnxruntime.ORTModelForCausalLM; needs lord_export[optimum])",
+    )
     e.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime validation run")
     e.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists")
     e.set_defaults(func=_export)
+
+    v = sub.add_parser(
+        "eval",
+        help="perplexity of a causal LM (dense or LoRD directory) on text/code",
+        description="Perplexity of MODEL_DIR on --data. Each document (a file, or a --separator-delimited "
+        "part of one) is tokenized on its own, starts with BOS when the tokenizer has one, and is cut into "
+        "non-overlapping windows of --window tokens (stride = window, no context carried across windows); "
+        "every token but a window's first is predicted. The result does not depend on --batch-size.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        parents=[common],
+    )
+    v.add_argument("model_dir", metavar="MODEL_DIR", help="a dense model directory or a lord-export compress output")
+    v.add_argument("--data", nargs="+", required=True, metavar="PATH", help="text/code files or folders")
+    v.add_argument("--separator", default=None, metavar="S", help="document separator, e.g. '<|endoftext|>'")
+    v.add_argument(
+        "--window", type=_positive_int, default=512, help="tokens per window (at most the model's positions)"
+    )
+    v.add_argument("--batch-size", type=_positive_int, default=8, help="windows per forward pass")
+    v.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON")
+    v.set_defaults(func=_eval)
     return parser
 
 
@@ -198,6 +224,7 @@ def _export(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             validate=not args.no_validate,
             overwrite=args.overwrite,
+            with_past=args.with_past,
         )
     except ValidationError as err:
         print(f"{PROG}: failed: {err}; the ONNX is kept in {args.output_dir}.failed for inspection", file=sys.stderr)
@@ -208,7 +235,7 @@ def _export(args: argparse.Namespace) -> int:
         f"{report['bottleneck_matmuls']} bottleneck MatMul(s) for {report['factorized_groups']} factorized group(s), "
         f"{report['up_projection_matmuls']} up-projection(s)"
     )
-    if v:
+    if v and "provider" in v:
         print(
             f"validated in ONNX Runtime ({v['provider']}): max abs error {v['max_abs_error']:.3g}, "
             f"relative {v['max_rel_error']:.3g} <= {v['tolerance']:g}"
@@ -228,6 +255,44 @@ def _export(args: argparse.Namespace) -> int:
             Path(args.output_dir) / "model.onnx", Path(args.output_dir) / "engine.plan", make_profiles(report["inputs"])
         )
         print(f"wrote {plan}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .compress import _max_positions
+    from .data import read_documents
+    from .evaluate import document_windows, perplexity
+    from .hf import check_model_dir, load_dense, load_tokenizer
+    from .io import PLAN_FILE, load, write_json
+
+    src = check_model_dir(args.model_dir)
+    max_pos = _max_positions(src)
+    if max_pos is not None and args.window > max_pos:
+        raise UsageError(f"--window {args.window} exceeds the model's {max_pos} positions")
+    tokenizer = load_tokenizer(src)
+    windows = document_windows(tokenizer, read_documents(args.data, args.separator), args.window)
+    total = sum(len(w) for w in windows)
+    if total < args.window:
+        raise UsageError(
+            f"the evaluation data tokenizes to {total} tokens, fewer than one window of {args.window}; "
+            "pass more data or a smaller --window"
+        )
+    model = load(src) if (src / PLAN_FILE).is_file() else load_dense(src)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    result = perplexity(model, windows, batch_size=args.batch_size, pad_id=pad, progress=not args.quiet)
+    out = {
+        "model": str(src),
+        "data": list(args.data),
+        "separator": args.separator,
+        "window": args.window,
+        "windows": len(windows),
+        **result.to_dict(),
+    }
+    print(f"perplexity {result.perplexity:.4f} over {result.tokens:,} predicted tokens ({len(windows)} windows)")
+    if args.json:
+        write_json(Path(args.json), out)
     return 0
 
 

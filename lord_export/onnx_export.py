@@ -239,6 +239,33 @@ def validate_onnx(model: nn.Module, path: Path, dtype: str = "float32", *, seed:
     return result
 
 
+def export_with_past_optimum(model: nn.Module, directory: Path, *, opset: int, validate: bool) -> OnnxReport:
+    """Causal LM with KV-cache inputs/outputs, in optimum's decoder-with-past layout (loads with
+    ``optimum.onnxruntime.ORTModelForCausalLM``; greedy generation token by token). optimum runs its
+    own validation against the LoRD model; the census is taken here."""
+    require("optimum.exporters.onnx", extra="optimum")
+    onnx = require("onnx")
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    model.config.use_cache = True
+    onnx_export_from_model(model, directory, opset=opset, task="text-generation-with-past", do_validation=validate)
+    path = directory / ONNX_FILE
+    proto = onnx.load(str(path), load_external_data=False)
+    census, bottlenecks, ups = matmul_census(proto)
+    return OnnxReport(
+        path=str(path),
+        opset=opset,
+        dtype="float32",
+        inputs=[i.name for i in proto.graph.input],
+        outputs=[o.name for o in proto.graph.output],
+        external_data=any(directory.glob("*.onnx_data")),
+        census=census,
+        bottleneck_matmuls=bottlenecks,
+        up_projection_matmuls=ups,
+        validation={"by": "optimum", "passed": True} if validate else {},
+    )
+
+
 def export_onnx(
     model_dir: str | Path,
     output_dir: str | Path,
@@ -248,12 +275,14 @@ def export_onnx(
     validate: bool = True,
     overwrite: bool = False,
     external_data: bool | None = None,
+    with_past: bool = False,
 ) -> dict[str, Any]:
     """Export a model directory (LoRD output of ``lord-export compress``, or a dense one) to ONNX.
 
     Writes ``output_dir`` atomically: model.onnx (+ external data), config/tokenizer files and
     export_report.json. A model that fails validation is left in ``<output_dir>.failed`` and a
-    ValidationError is raised.
+    ValidationError is raised. ``with_past`` exports a causal LM with KV-cache inputs/outputs in
+    optimum's layout (needs the optimum extra).
     """
     from .hf import TOKENIZER_FILES, check_model_dir, load_dense
     from .io import PLAN_FILE, atomic_output_dir, load, read_plan
@@ -270,15 +299,21 @@ def export_onnx(
     failed = Path(str(out) + ".failed")
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         try:
-            report = export_model_onnx(
-                model,
-                tmp,
-                opset=opset,
-                dtype=dtype,
-                factorized_groups=groups,
-                validate=validate,
-                external_data=external_data,
-            )
+            if with_past:
+                if dtype != "float32":
+                    raise UsageError("--with-past exports float32 (optimum's layout); drop --dtype")
+                report = export_with_past_optimum(model, tmp, opset=opset, validate=validate)
+                report.factorized_groups = groups
+            else:
+                report = export_model_onnx(
+                    model,
+                    tmp,
+                    opset=opset,
+                    dtype=dtype,
+                    factorized_groups=groups,
+                    validate=validate,
+                    external_data=external_data,
+                )
         except ValidationError:
             if failed.exists():
                 shutil.rmtree(failed)

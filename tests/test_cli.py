@@ -224,3 +224,57 @@ def test_console_script_is_installed():
     assert exe is not None
     proc = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "compress" in proc.stdout
+
+
+def test_eval_is_independent_of_batch_size_and_reads_lord_dirs(tiny_llama_dir, code_corpus, tmp_path):
+    results = []
+    for batch in ("1", "5"):
+        out = tmp_path / f"ppl{batch}.json"
+        proc = run_cli(
+            "eval",
+            str(tiny_llama_dir),
+            "--data",
+            str(code_corpus),
+            "--window",
+            "64",
+            "--batch-size",
+            batch,
+            "--json",
+            str(out),
+            "-q",
+        )
+        assert proc.returncode == 0, proc.stderr
+        results.append(json.loads(out.read_text()))
+    a, b = results
+    assert a["tokens"] == b["tokens"] > 1000
+    assert a["nll"] == pytest.approx(b["nll"], rel=1e-6)
+    assert a["perplexity"] == pytest.approx(b["perplexity"], rel=1e-6)
+    lord = tmp_path / "lord"
+    assert (
+        run_cli(
+            "compress",
+            str(tiny_llama_dir),
+            str(lord),
+            "--calib",
+            str(code_corpus),
+            "--rank-reduction",
+            "0.5",
+            "--calib-samples",
+            "8",
+            "--calib-seqlen",
+            "64",
+            "-q",
+        ).returncode
+        == 0
+    )
+    proc = run_cli("eval", str(lord), "--data", str(code_corpus), "--window", "64", "-q")
+    assert proc.returncode == 0 and proc.stdout.startswith("perplexity ")
+
+
+def test_eval_bad_input(tiny_llama_dir, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("x = 1\n")
+    proc = run_cli("eval", str(tiny_llama_dir), "--data", str(short), "--window", "64")
+    assert proc.returncode == 2 and "fewer than one window" in proc.stderr
+    proc = run_cli("eval", str(tiny_llama_dir), "--data", str(short), "--window", "4096")
+    assert proc.returncode == 2 and "exceeds the model's 128 positions" in proc.stderr

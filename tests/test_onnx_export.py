@@ -183,4 +183,24 @@ def test_tensorrt_prechecks():
         check_onnx_for_tensorrt(old)
 
 
-_ = torch
+def test_with_past_generates_like_pytorch(tmp_path):
+    pytest.importorskip("optimum.onnxruntime", reason="--with-past uses optimum's layout (extra lord_export[optimum])")
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    src, plan = lord_dir("llama", tmp_path)
+    report = export_onnx(src, tmp_path / "past", with_past=True)
+    assert report["bottleneck_matmuls"] == len(plan.factorized_groups)
+    assert any(name.startswith("past_key_values") for name in report["inputs"])
+    ort = ORTModelForCausalLM.from_pretrained(tmp_path / "past")
+    prompt = torch.tensor([[1, 5, 9, 30, 7]])
+    want = le.load(src).generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert torch.equal(ort.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0), want)
+
+
+def test_float16_export(tmp_path):
+    src, plan = lord_dir("llama", tmp_path)
+    report = export_onnx(src, tmp_path / "fp16", dtype="float16")
+    inits = onnx.load(str(tmp_path / "fp16" / "model.onnx")).graph.initializer
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in inits)
+    assert report["validation"]["passed"] and report["validation"]["max_rel_error"] < 2e-2
+    assert report["bottleneck_matmuls"] == len(plan.factorized_groups)
