@@ -166,6 +166,30 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--batch-size", type=_positive_int, default=8, help="windows per forward pass")
     v.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON")
     v.set_defaults(func=_eval)
+
+    w = sub.add_parser(
+        "sweep",
+        help="perplexity and size over rank reductions × methods × targets, with plots",
+        description="Calibrate MODEL_DIR once on --calib, then for every method × target preset × rank reduction "
+        "factorize a fresh copy, evaluate perplexity on --eval (windowing as in 'eval') and count parameters. "
+        "Writes sweep.csv, sweep.json and PNG plots (perplexity vs rank reduction and vs parameters; parameters "
+        "vs rank reduction with parity points) into --out.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        parents=[common],
+    )
+    w.add_argument("model_dir", metavar="MODEL_DIR", help="a dense model directory")
+    w.add_argument("--calib", nargs="+", required=True, metavar="PATH")
+    w.add_argument("--eval", nargs="+", required=True, metavar="PATH", dest="eval_data")
+    w.add_argument("--rank-reductions", default="0.1,0.2,0.3,0.4,0.5", help="comma-separated values in [0, 1)")
+    w.add_argument("--targets", nargs="+", default=["all"], choices=list(PRESETS), help="target presets to compare")
+    w.add_argument("--methods", default="lord,svd", help=f"comma-separated, from {', '.join(METHODS)}")
+    w.add_argument("--calib-samples", type=_positive_int, default=DEFAULT_SAMPLES, metavar="N")
+    w.add_argument("--calib-seqlen", type=_positive_int, default=None, metavar="L")
+    w.add_argument("--separator", default=None, metavar="S", help="document separator for --calib and --eval files")
+    w.add_argument("--window", type=_positive_int, default=512)
+    w.add_argument("--batch-size", type=_positive_int, default=8)
+    w.add_argument("--out", required=True, metavar="DIR", help="output directory (created; files replaced)")
+    w.set_defaults(func=_sweep)
     return parser
 
 
@@ -293,6 +317,64 @@ def _eval(args: argparse.Namespace) -> int:
     print(f"perplexity {result.perplexity:.4f} over {result.tokens:,} predicted tokens ({len(windows)} windows)")
     if args.json:
         write_json(Path(args.json), out)
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .compress import _max_positions
+    from .data import batches, read_documents, tokenize_blocks
+    from .evaluate import document_windows
+    from .hf import check_model_dir, load_dense, load_tokenizer
+    from .sweep import run_sweep, write_sweep
+
+    src = check_model_dir(args.model_dir)
+    try:
+        rrs = [float(x) for x in args.rank_reductions.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(
+            f"--rank-reductions must be numbers separated by commas, got {args.rank_reductions!r}"
+        ) from None
+    if not rrs or not all(0 <= r < 1 for r in rrs):
+        raise UsageError(f"every rank reduction must be in [0, 1), got {args.rank_reductions!r}")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise UsageError(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
+    max_pos = _max_positions(src) or 512
+    seqlen = args.calib_seqlen or min(DEFAULT_SEQLEN, max_pos)
+    if args.window > max_pos or seqlen > max_pos:
+        raise UsageError(f"--window/--calib-seqlen exceed the model's {max_pos} positions")
+    tokenizer = load_tokenizer(src)
+    ids, mask = tokenize_blocks(
+        tokenizer, read_documents(args.calib, args.separator), samples=args.calib_samples, seqlen=seqlen
+    )
+    windows = document_windows(tokenizer, read_documents(args.eval_data, args.separator), args.window)
+    if sum(len(w) for w in windows) < args.window:
+        raise UsageError("the evaluation data tokenizes to fewer tokens than one window")
+    model = load_dense(src)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    baseline, rows, parity = run_sweep(
+        model,
+        batches(ids, mask, args.batch_size),
+        windows,
+        rank_reductions=rrs,
+        targets=args.targets,
+        methods=methods,
+        batch_size=args.batch_size,
+        pad_id=pad,
+        progress=not args.quiet,
+    )
+    write_sweep(Path(args.out), baseline, rows, parity)
+    print(f"dense: perplexity {baseline['perplexity']:.4f}, {baseline['params']:,} parameters")
+    print(f"{'method':6} {'targets':9} {'rr':>5} {'params':>10} {'ratio':>6} {'ppl':>9}")
+    for r in rows:
+        print(
+            f"{r.method:6} {r.targets:9} {r.rank_reduction:5.2f} {r.params:10,d} {r.params_ratio:6.3f} "
+            f"{r.perplexity:9.4f}"
+        )
+    print(f"wrote {args.out}/sweep.csv, sweep.json and 3 plots")
     return 0
 
 

@@ -278,3 +278,63 @@ def test_eval_bad_input(tiny_llama_dir, tmp_path):
     assert proc.returncode == 2 and "fewer than one window" in proc.stderr
     proc = run_cli("eval", str(tiny_llama_dir), "--data", str(short), "--window", "4096")
     assert proc.returncode == 2 and "exceeds the model's 128 positions" in proc.stderr
+
+
+def test_sweep_writes_table_and_plots(tiny_llama_dir, code_corpus, tmp_path):
+    out = tmp_path / "sweep"
+    proc = run_cli(
+        "sweep",
+        str(tiny_llama_dir),
+        "--calib",
+        str(code_corpus),
+        "--eval",
+        str(code_corpus),
+        "--rank-reductions",
+        "0.3,0.6",
+        "--targets",
+        "all",
+        "mlp",
+        "--methods",
+        "lord,svd",
+        "--calib-samples",
+        "8",
+        "--calib-seqlen",
+        "64",
+        "--window",
+        "64",
+        "--out",
+        str(out),
+        "-q",
+    )
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads((out / "sweep.json").read_text())
+    rows = data["rows"]
+    assert len(rows) == 2 * 2 * 2
+    assert {(r["method"], r["targets"]) for r in rows} == {
+        ("lord", "all"),
+        ("lord", "mlp"),
+        ("svd", "all"),
+        ("svd", "mlp"),
+    }
+    for method in ("lord", "svd"):
+        for target in ("all", "mlp"):
+            a, b = sorted(
+                (r for r in rows if r["method"] == method and r["targets"] == target), key=lambda r: r["rank_reduction"]
+            )
+            assert b["params"] < a["params"] <= data["dense"]["params"]
+    assert all(p["parity_rank_reduction"] > 0 for p in data["parity"])
+    for name in ("sweep.csv", "ppl_vs_rank_reduction.png", "ppl_vs_params.png", "params_vs_rank_reduction.png"):
+        assert (out / name).stat().st_size > 0
+    bad = run_cli(
+        "sweep",
+        str(tiny_llama_dir),
+        "--calib",
+        str(code_corpus),
+        "--eval",
+        str(code_corpus),
+        "--rank-reductions",
+        "0.3,1.2",
+        "--out",
+        str(tmp_path / "x"),
+    )
+    assert bad.returncode == 2 and "[0, 1)" in bad.stderr
