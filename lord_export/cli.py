@@ -285,14 +285,13 @@ def _export(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .compress import _max_positions
     from .data import read_documents
     from .evaluate import document_windows, perplexity
-    from .hf import check_model_dir, load_dense, load_tokenizer
+    from .hf import check_model_dir, load_dense, load_tokenizer, max_positions
     from .io import PLAN_FILE, load, write_json
 
     src = check_model_dir(args.model_dir)
-    max_pos = _max_positions(src)
+    max_pos = max_positions(src)
     if max_pos is not None and args.window > max_pos:
         raise UsageError(f"--window {args.window} exceeds the model's {max_pos} positions")
     tokenizer = load_tokenizer(src)
@@ -323,10 +322,9 @@ def _eval(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .compress import _max_positions
     from .data import batches, read_documents, tokenize_blocks
     from .evaluate import document_windows
-    from .hf import check_model_dir, load_dense, load_tokenizer
+    from .hf import check_model_dir, load_dense, load_tokenizer, max_positions
     from .sweep import run_sweep, write_sweep
 
     src = check_model_dir(args.model_dir)
@@ -342,7 +340,7 @@ def _sweep(args: argparse.Namespace) -> int:
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
         raise UsageError(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
-    max_pos = _max_positions(src) or 512
+    max_pos = max_positions(src) or 512
     seqlen = args.calib_seqlen or min(DEFAULT_SEQLEN, max_pos)
     if args.window > max_pos or seqlen > max_pos:
         raise UsageError(f"--window/--calib-seqlen exceed the model's {max_pos} positions")

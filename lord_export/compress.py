@@ -114,7 +114,7 @@ def compress_model_dir(
     Everything that can be checked cheaply (paths, output, calibration files) is checked before
     the model is loaded; the input directory is only read.
     """
-    from .hf import check_model_dir, load_dense, load_tokenizer
+    from .hf import check_model_dir, load_dense, load_tokenizer, max_positions
     from .io import atomic_output_dir, write_into
 
     model_dir = check_model_dir(model_dir)
@@ -126,7 +126,7 @@ def compress_model_dir(
     from .data import text_files
 
     text_files(calib)  # fail on missing/empty/binary paths before loading anything heavy
-    max_pos = _max_positions(model_dir)
+    max_pos = max_positions(model_dir)
     if seqlen is None:
         seqlen = min(DEFAULT_SEQLEN, max_pos) if max_pos else DEFAULT_SEQLEN
     elif max_pos is not None and seqlen > max_pos:
@@ -149,13 +149,3 @@ def compress_model_dir(
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         write_into(tmp, model, plan, source_dir=model_dir, report=report)
     return report
-
-
-def _max_positions(model_dir: Path) -> int | None:
-    from .hf import read_config_json
-
-    cfg = read_config_json(model_dir)
-    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
-        if isinstance(cfg.get(key), int):
-            return cfg[key]
-    return None

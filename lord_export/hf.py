@@ -45,6 +45,15 @@ def read_config_json(path: str | Path) -> dict[str, Any]:
     return json.loads((Path(path) / "config.json").read_text())
 
 
+def max_positions(model_dir: str | Path) -> int | None:
+    """The model's maximum sequence length from its config.json, when it declares one."""
+    cfg = read_config_json(model_dir)
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        if isinstance(cfg.get(key), int):
+            return cfg[key]
+    return None
+
+
 def model_class(config: Any, trust_remote_code: bool = False) -> type:
     """The transformers class named by ``config.architectures`` (or a sensible Auto class)."""
     import transformers

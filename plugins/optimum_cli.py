@@ -135,16 +135,15 @@ def check_args(args: argparse.Namespace) -> None:
 def compress_for_export(model: Any, args: argparse.Namespace) -> dict[str, Any]:
     """Compress the model optimum loaded, in place; return the record written to lord_config.json."""
     import lord_export as le
-    from lord_export.compress import _max_positions
     from lord_export.data import DEFAULT_SEQLEN, batches, read_documents, tokenize_blocks
-    from lord_export.hf import load_tokenizer
+    from lord_export.hf import load_tokenizer, max_positions
 
     if args.lord_plan is not None:
         plan = le.read_plan(args.lord_plan)
         le.apply_plan(model, plan)
         return {"plan": str(args.lord_plan), **plan.to_dict()}
     model_dir = Path(args.model)
-    max_pos = _max_positions(model_dir) if (model_dir / "config.json").is_file() else None
+    max_pos = max_positions(model_dir) if (model_dir / "config.json").is_file() else None
     seqlen = args.lord_calib_seqlen or (min(DEFAULT_SEQLEN, max_pos) if max_pos else DEFAULT_SEQLEN)
     tokenizer = load_tokenizer(model_dir, trust_remote_code=bool(getattr(args, "trust_remote_code", False)))
     docs = read_documents(args.lord_calib, args.lord_calib_separator)
