@@ -14,21 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import time
 
 import torch
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from compile_speed import cpu_name  # benchmarks/ is the script's directory
 
 
 def rss_mib() -> float:
