@@ -36,10 +36,26 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def build(args):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def add_model_args(ap: argparse.ArgumentParser) -> None:
+    """The mid-size Llama-style model every benchmark here measures (random weights)."""
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--intermediate", type=int, default=2816)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=8192)
 
-    import lord_export as le
+
+def add_speed_args(ap: argparse.ArgumentParser) -> None:
+    """Token counts, plan settings and repetitions of the dense-vs-LoRD latency benchmarks."""
+    ap.add_argument("--tokens", type=int, nargs="+", default=[128, 512, 2048])
+    ap.add_argument("--rank-reduction", type=float, default=0.5)
+    ap.add_argument("--rank-multiple", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--warmup", type=int, default=2)
+
+
+def llama_model(args, max_positions: int):
+    """The model of ``add_model_args``: 64-wide heads, half as many KV heads (GQA), no KV cache."""
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = LlamaConfig(
@@ -49,10 +65,17 @@ def build(args):
         num_hidden_layers=args.layers,
         num_attention_heads=args.hidden // 64,
         num_key_value_heads=args.hidden // 128,
-        max_position_embeddings=max(args.tokens) + 1,
+        max_position_embeddings=max_positions,
         use_cache=False,
     )
-    dense = LlamaForCausalLM(cfg).eval()
+    return LlamaForCausalLM(cfg).eval()
+
+
+def build(args):
+    """(dense model, its LoRD twin, the plan) for the speed benchmarks; calibration on random tokens."""
+    import lord_export as le
+
+    dense = llama_model(args, max(args.tokens) + 1)
     lord = copy.deepcopy(dense)
     calib = [{"input_ids": torch.randint(0, args.vocab, (2, 256))} for _ in range(2)]
     plan = le.compress(lord, calib, rank_reduction=args.rank_reduction, rank_multiple=args.rank_multiple)
@@ -97,15 +120,8 @@ def measure(fns: dict, ids, repeats: int, warmup: int, device: str) -> dict[str,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--hidden", type=int, default=1024)
-    ap.add_argument("--intermediate", type=int, default=2816)
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--vocab", type=int, default=8192)
-    ap.add_argument("--tokens", type=int, nargs="+", default=[128, 512, 2048])
-    ap.add_argument("--rank-reduction", type=float, default=0.5)
-    ap.add_argument("--rank-multiple", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--warmup", type=int, default=2)
+    add_model_args(ap)
+    add_speed_args(ap)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--json", default=None, help="default: benchmarks/results/compile_speed_<device>.json")

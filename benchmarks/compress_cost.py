@@ -18,7 +18,7 @@ import resource
 import time
 
 import torch
-from compile_speed import cpu_name  # benchmarks/ is the script's directory
+from compile_speed import add_model_args, cpu_name, llama_model  # benchmarks/ is the script's directory
 
 
 def rss_mib() -> float:
@@ -27,10 +27,7 @@ def rss_mib() -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--hidden", type=int, default=1024)
-    ap.add_argument("--intermediate", type=int, default=2816)
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--vocab", type=int, default=8192)
+    add_model_args(ap)
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=4)
@@ -38,24 +35,12 @@ def main() -> None:
     ap.add_argument("--json", default="benchmarks/results/compress_cost.json")
     args = ap.parse_args()
 
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     import lord_export as le
     from lord_export import factorize as fz
     from lord_export.plan import build_groups
     from lord_export.targets import dense_weight
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.hidden // 64,
-        num_key_value_heads=args.hidden // 128,
-        max_position_embeddings=max(2048, args.seqlen),
-    )
-    model = LlamaForCausalLM(cfg).eval()
+    model = llama_model(args, max(2048, args.seqlen))
     model_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     ids = torch.randint(0, args.vocab, (args.samples, args.seqlen))
     batches = [{"input_ids": ids[i : i + args.batch_size]} for i in range(0, args.samples, args.batch_size)]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from compile_speed import build, cpu_name, flops  # same model, plan and FLOP counting
+from compile_speed import add_model_args, add_speed_args, build, cpu_name, flops  # same model, plan, FLOPs
 
 
 def session(path: Path, provider: str):
@@ -35,15 +35,8 @@ def session(path: Path, provider: str):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--hidden", type=int, default=1024)
-    ap.add_argument("--intermediate", type=int, default=2816)
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--vocab", type=int, default=8192)
-    ap.add_argument("--tokens", type=int, nargs="+", default=[128, 512, 2048])
-    ap.add_argument("--rank-reduction", type=float, default=0.5)
-    ap.add_argument("--rank-multiple", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--warmup", type=int, default=2)
+    add_model_args(ap)
+    add_speed_args(ap)
     ap.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto")
     ap.add_argument("--json", default=None, help="default: benchmarks/results/ort_speed_<provider>.json")
     args = ap.parse_args()
