@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,6 +154,8 @@ def export_model_onnx(
     """Export ``model`` (a transformers model, eager LoRD or dense) into ``directory``/model.onnx."""
     onnx = require("onnx")
     require("onnxscript")
+    # torch.onnx warns about every torchvision op it cannot register; irrelevant to language models
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     from .passes.share_bottlenecks import share_bottlenecks
     from .rewrite import _export_friendly_masks
 
@@ -172,9 +175,17 @@ def export_model_onnx(
     nbytes = sum(t.numel() * t.element_size() for t in ep.state_dict.values())
     if external_data is None:
         external_data = nbytes > EXTERNAL_DATA_BYTES
-    program = torch.onnx.export(
-        ep, dynamo=True, opset_version=opset, input_names=names, output_names=[_output_name(model)], optimize=True
-    )
+    with warnings.catch_warnings():  # torch-internal deprecation noise, not actionable by users
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+        program = torch.onnx.export(
+            ep,
+            dynamo=True,
+            opset_version=opset,
+            input_names=names,
+            output_names=[_output_name(model)],
+            optimize=True,
+            verbose=False,
+        )
     path = directory / ONNX_FILE
     program.save(str(path), external_data=external_data)
     onnx.checker.check_model(str(path), full_check=True)

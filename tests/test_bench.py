@@ -1,0 +1,128 @@
+"""lord-export bench: dense vs LoRD latency across backends, and its refusals of bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import lord_export as le
+from lord_export.bench import BACKENDS, check_same_base, forward_flops, parse_backends
+from lord_export.errors import UsageError
+from lord_export.hf import load_dense
+
+SMALL = ("--tokens", "8", "--decode-context", "8", "--decode-tokens", "2")
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lord_export.cli", *args], capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def lord_dir(tiny_llama_dir, code_corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "lord"
+    le.compress_model_dir(
+        tiny_llama_dir, out, [code_corpus], le.LordConfig(rank_reduction=0.5, rank_multiple=1), samples=4, seqlen=32
+    )
+    return out
+
+
+def test_bench_eager_and_onnx_runtime_side_by_side(tiny_llama_dir, lord_dir, tmp_path):
+    out = tmp_path / "bench.json"
+    proc = run_cli(
+        "bench",
+        str(tiny_llama_dir),
+        str(lord_dir),
+        "--backends",
+        "eager,ort-cpu",
+        "ort-cuda",
+        "tensorrt",
+        "--tokens",
+        "8",
+        "16",
+        "--decode-tokens",
+        "3",
+        "--decode-context",
+        "8",
+        "--repeats",
+        "2",
+        "--warmup",
+        "1",
+        "--device",
+        "cpu",
+        "--json",
+        str(out),
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    measured = {(r["backend"], r["mode"], r["tokens"]) for r in result["rows"]}
+    for backend in ("eager", "ort-cpu"):
+        assert {(backend, "prefill", 8), (backend, "prefill", 16), (backend, "decode", 8)} <= measured
+    for r in result["rows"]:
+        assert r["dense_ms"] > 0 and r["lord_ms"] > 0
+        assert r["speedup"] == pytest.approx(r["dense_ms"] / r["lord_ms"])
+        assert r["ideal_speedup"] > 1.0  # rank reduction 0.5 removes FLOPs
+        assert r["measured_over_ideal"] == pytest.approx(r["speedup"] / r["ideal_speedup"])
+    # backends this CPU machine lacks are listed with a reason, not silently dropped
+    if not torch.cuda.is_available():
+        assert "CUDA" in result["skipped"]["ort-cuda"] or "cuda" in result["skipped"]["ort-cuda"].lower()
+    if "tensorrt" in result["skipped"]:
+        assert "tensorrt" in result["skipped"]["tensorrt"].lower()
+        assert "skipped tensorrt" in proc.stdout
+    assert "meas/ideal" in proc.stdout and "eager" in proc.stdout
+
+
+def test_ideal_speedup_is_the_flop_ratio(tiny_llama_dir, lord_dir):
+    dense = load_dense(tiny_llama_dir, dtype=torch.float32)
+    lord = le.load(lord_dir)
+    ids = torch.randint(0, dense.config.vocab_size, (1, 16))
+    plan = le.read_plan(lord_dir, with_tensors=False)
+    saved = sum(
+        2 * 16 * (m.d_in * m.d_out - g.rank * m.d_out) for g in plan.factorized_groups for m in g.members
+    ) - sum(2 * 16 * g.rank * g.members[0].d_in for g in plan.factorized_groups)
+    assert forward_flops(dense, input_ids=ids) - forward_flops(lord, input_ids=ids) == saved
+
+
+def test_unknown_backend_is_a_usage_error(tiny_llama_dir, lord_dir):
+    with pytest.raises(UsageError, match="unknown backend 'onnx'.*eager"):
+        parse_backends(["eager,onnx"])
+    assert parse_backends(["all"]) == list(BACKENDS)
+    proc = run_cli("bench", str(tiny_llama_dir), str(lord_dir), "--backends", "tensorrtx")
+    assert proc.returncode == 2 and "unknown backend 'tensorrtx'" in proc.stderr
+
+
+def test_lord_dir_of_another_model_is_refused(tiny_llama_dir, lord_dir, tmp_path):
+    dense = load_dense(tiny_llama_dir, dtype=torch.float32)
+    check_same_base(dense, lord_dir, tiny_llama_dir)  # the true pair passes
+
+    # same architecture, different weights (another checkpoint): an unchanged tensor differs
+    other = tmp_path / "other"
+    shutil.copytree(lord_dir, other)
+    state = load_file(other / "model.safetensors")
+    key = next(k for k in state if "embed_tokens" in k)
+    state[key] = state[key] + 1.0
+    save_file(state, other / "model.safetensors")
+    with pytest.raises(UsageError, match="was not compressed from.*embed_tokens"):
+        check_same_base(dense, other, tiny_llama_dir)
+
+    # a different architecture: the plan's fingerprint disagrees
+    plan = json.loads((lord_dir / "lord_plan.json").read_text())
+    plan["base_model"]["num_parameters"] += 1
+    wrong = tmp_path / "wrong"
+    shutil.copytree(lord_dir, wrong)
+    (wrong / "lord_plan.json").write_text(json.dumps(plan))
+    proc = run_cli("bench", str(tiny_llama_dir), str(wrong), "--backends", "eager", *SMALL)
+    assert proc.returncode == 2 and "was not compressed from" in proc.stderr and "num_parameters" in proc.stderr
+
+    proc = run_cli("bench", str(tiny_llama_dir), str(tiny_llama_dir), "--backends", "eager", *SMALL)
+    assert proc.returncode == 2 and "not a LoRD directory" in proc.stderr
+
+
+def test_too_many_tokens_for_the_model_is_a_usage_error(tiny_llama_dir, lord_dir):
+    proc = run_cli("bench", str(tiny_llama_dir), str(lord_dir), "--backends", "eager", "--tokens", "100000")
+    assert proc.returncode == 2 and "positions" in proc.stderr
