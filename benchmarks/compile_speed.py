@@ -16,24 +16,14 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from lord_export.bench import cpu_name, forward_flops
 
 
 def add_model_args(ap: argparse.ArgumentParser) -> None:
@@ -83,18 +73,8 @@ def build(args):
 
 
 def flops(model, ids) -> int:
-    """FLOPs of one forward, attention included: counted with eager attention (bmm), because
-    FlopCounterMode does not count the CPU flash-attention kernel that sdpa uses."""
-    cfg = model.config
-    saved = cfg._attn_implementation
-    cfg._attn_implementation = "eager"
-    try:
-        counter = FlopCounterMode(display=False)
-        with counter, torch.no_grad():
-            model(input_ids=ids)
-    finally:
-        cfg._attn_implementation = saved
-    return counter.get_total_flops()
+    """FLOPs of one forward, attention included (see lord_export.bench.forward_flops)."""
+    return forward_flops(model, input_ids=ids)
 
 
 def sync(device: str) -> None:

@@ -1,0 +1,233 @@
+"""``lord-export demo``: the whole mission on one model, in a few minutes on a laptop CPU.
+
+Takes the shipped reference code model (or a model directory and data you name), calibrates it
+once on its calibration split, compresses it with LoRD at a few rank reductions, evaluates held-out
+perplexity, exports dense and every LoRD setting to ONNX (validated against PyTorch in ONNX
+Runtime), and measures ONNX Runtime prefill latency of each against the dense model, interleaved on
+the same inputs. Every number is computed on the run; nothing is stored.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import UsageError
+
+DEFAULT_RANK_REDUCTIONS = (0.2, 0.4)
+DEFAULT_TARGETS = ("all",)
+DEFAULT_OUT = "lord-demo"
+MARKER = "demo.json"
+
+
+@dataclass
+class DemoRow:
+    setting: str
+    rank_reduction: float
+    params: int
+    perplexity: float
+    onnx_bytes: int
+    bottleneck_matmuls: int
+    ort_ms: float
+    ort_spread_ms: float
+    speedup: float
+    ideal_speedup: float
+
+
+def subsample_windows(windows: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """Every k-th window so that about ``max_tokens`` tokens remain, spread over all documents."""
+    total = sum(len(w) for w in windows)
+    if total <= max_tokens:
+        return windows
+    step = math.ceil(total / max_tokens)
+    return windows[::step]
+
+
+def run_demo(
+    out: str | Path = DEFAULT_OUT,
+    *,
+    model_dir: str | Path | None = None,
+    calib: Sequence[str | Path] | None = None,
+    eval_data: Sequence[str | Path] | None = None,
+    rank_reductions: Sequence[float] = DEFAULT_RANK_REDUCTIONS,
+    targets: Sequence[str] = DEFAULT_TARGETS,
+    calib_samples: int = 128,
+    seqlen: int | None = None,
+    eval_tokens: int = 65536,
+    latency_tokens: int = 512,
+    repeats: int = 10,
+    overwrite: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run the demo (see module docstring); returns what it wrote to ``out``/demo.json."""
+    from . import apply_plan, calibrate, make_plan, select_targets
+    from .bench import _interleaved, forward_flops, ort_runner
+    from .config import LordConfig
+    from .data import batches, read_documents, text_files, tokenize_blocks
+    from .evaluate import document_windows, perplexity
+    from .hf import check_model_dir, load_dense, load_tokenizer, max_positions
+    from .io import atomic_output_dir, write_json
+    from .onnx_export import export_model_onnx, make_session
+    from .plan import count_parameters
+    from .reference import reference_model_dir, stdlib_split
+
+    say = progress or (lambda msg: None)
+    if not rank_reductions or not all(0 < r < 1 for r in rank_reductions):
+        raise UsageError(f"rank reductions must be in (0, 1), got {list(rank_reductions)}")
+    out = Path(out)
+    if out.exists() and not overwrite and not (out / MARKER).is_file():
+        raise UsageError(f"{out} exists and is not an earlier demo output; pass --overwrite or another --out")
+    reference = model_dir is None
+    src = reference_model_dir() if reference else check_model_dir(model_dir)
+    if not reference and (not calib or not eval_data):
+        raise UsageError("with your own model directory, pass --calib and --eval data too")
+    calib_paths = list(calib) if calib else stdlib_split("calib")
+    eval_paths = list(eval_data) if eval_data else stdlib_split("eval")
+    limit = max_positions(src)
+    seqlen = seqlen or min(256, limit or 256)
+    if limit is not None and max(seqlen, latency_tokens) > limit:
+        raise UsageError(f"--seqlen/--latency-tokens exceed the model's {limit} positions")
+
+    t_start = time.perf_counter()
+    say(f"model {src}")
+    tokenizer = load_tokenizer(src)
+    dense = load_dense(src, dtype=torch.float32)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids, mask = tokenize_blocks(tokenizer, read_documents(calib_paths), samples=calib_samples, seqlen=seqlen)
+    windows = subsample_windows(document_windows(tokenizer, read_documents(eval_paths), seqlen), eval_tokens)
+    if sum(len(w) for w in windows) < seqlen:
+        raise UsageError(f"the evaluation data tokenizes to fewer than {seqlen} tokens")
+
+    layers = select_targets(dense, tuple(targets))
+    say(f"calibrating {len(layers)} linear layers on {int(mask.sum()):,} tokens")
+    calibration = calibrate(dense, batches(ids, mask, 8), layers, progress=progress is not None)
+    models: dict[str, tuple[float, torch.nn.Module, int]] = {"dense": (0.0, dense, 0)}
+    for rr in rank_reductions:
+        say(f"factorizing at rank reduction {rr}")
+        work = copy.deepcopy(dense)
+        plan = make_plan(work, calibration, layers, LordConfig(rank_reduction=rr, targets=tuple(targets)))
+        apply_plan(work, plan)
+        models[f"lord {rr:g}"] = (rr, work, len(plan.factorized_groups))
+
+    ppl: dict[str, float] = {}
+    for name, (_, model, _) in models.items():
+        say(f"perplexity of {name} on {sum(len(w) - 1 for w in windows):,} held-out tokens")
+        ppl[name] = perplexity(model, windows, batch_size=8, pad_id=pad).perplexity
+
+    with atomic_output_dir(out, overwrite=True) as tmp:
+        reports = {}
+        for name, (_, model, groups) in models.items():
+            say(f"exporting {name} to ONNX and validating it in ONNX Runtime")
+            d = tmp / "onnx" / name.replace(" ", "-")
+            d.mkdir(parents=True)
+            reports[name] = export_model_onnx(copy.deepcopy(model), d, factorized_groups=groups, validate=True)
+        say(f"ONNX Runtime latency, prefill of {latency_tokens} tokens, {repeats} interleaved runs")
+        runners = {name: ort_runner(make_session(r.path, prefer_cuda=True)) for name, r in reports.items()}
+        provider = make_session(reports["dense"].path, prefer_cuda=True).get_providers()[0]
+        prompt = torch.randint(
+            0, int(dense.config.vocab_size), (1, latency_tokens), generator=torch.Generator().manual_seed(0)
+        )
+        times = _interleaved({k: (lambda r=r: r.prefill(prompt)) for k, r in runners.items()}, repeats, 2)
+        flops = {name: forward_flops(m, input_ids=prompt) for name, (_, m, _) in models.items()}
+
+        med = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+        rows = [
+            DemoRow(
+                setting=name,
+                rank_reduction=rr,
+                params=count_parameters(model),
+                perplexity=ppl[name],
+                onnx_bytes=_size(Path(reports[name].path).parent),
+                bottleneck_matmuls=reports[name].bottleneck_matmuls,
+                ort_ms=med[name],
+                ort_spread_ms=1e3 * (max(times[name]) - min(times[name])),
+                speedup=med["dense"] / med[name],
+                ideal_speedup=flops["dense"] / flops[name],
+            )
+            for name, (rr, model, _) in models.items()
+        ]
+        result = {
+            "model": str(src),
+            "reference_model": reference,
+            "calib_files": len(text_files(calib_paths)),
+            "calib_tokens": int(mask.sum()),
+            "eval_files": len(text_files(eval_paths)),
+            "eval_tokens": sum(len(w) - 1 for w in windows),
+            "targets": list(targets),
+            "latency_tokens": latency_tokens,
+            "repeats": repeats,
+            "provider": provider,
+            "machine": _machine(provider),
+            "threads": torch.get_num_threads(),
+            "date": time.strftime("%Y-%m-%d %H:%M"),
+            "seconds": round(time.perf_counter() - t_start, 1),
+            "rows": [asdict(r) for r in rows],
+        }
+        write_json(tmp / MARKER, result)
+        plotted = _plot(tmp / "demo.png", rows)
+        result["plot"] = str(out / "demo.png") if plotted else None
+    result["seconds"] = round(time.perf_counter() - t_start, 1)
+    return result
+
+
+def _size(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.iterdir() if p.is_file())
+
+
+def _machine(provider: str) -> str:
+    from .bench import cpu_name
+
+    return torch.cuda.get_device_name() if provider.startswith("CUDA") and torch.cuda.is_available() else cpu_name()
+
+
+def _plot(path: Path, rows: list[DemoRow]) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot([r.params / 1e6 for r in rows], [r.perplexity for r in rows], "o-")
+    for r in rows:
+        a.annotate(r.setting, (r.params / 1e6, r.perplexity), textcoords="offset points", xytext=(5, 5))
+    a.set_xlabel("parameters (M)")
+    a.set_ylabel("held-out perplexity")
+    a.set_title("quality vs size")
+    names = [r.setting for r in rows]
+    b.bar(names, [r.ort_ms for r in rows], color=["gray"] + ["tab:blue"] * (len(rows) - 1))
+    b.set_ylabel("ONNX Runtime prefill latency (ms)")
+    b.set_title("latency (median)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def format_demo(result: dict[str, Any]) -> str:
+    """The table the demo prints."""
+    lines = [
+        f"{'setting':10} {'params':>10} {'fewer':>6} {'perplexity':>10} {'ONNX MB':>8} "
+        f"{'ORT ms':>8} {'speed-up':>8} {'ideal':>6}",
+    ]
+    dense = result["rows"][0]["params"]
+    for r in result["rows"]:
+        lines.append(
+            f"{r['setting']:10} {r['params']:10,d} {1 - r['params'] / dense:6.1%} {r['perplexity']:10.3f} "
+            f"{r['onnx_bytes'] / 1e6:8.1f} {r['ort_ms']:8.2f} {r['speedup']:8.2f} {r['ideal_speedup']:6.2f}"
+        )
+    lines.append(
+        f"perplexity on {result['eval_tokens']:,} held-out tokens ({result['eval_files']} files); calibration "
+        f"{result['calib_tokens']:,} tokens; ORT {result['provider']} on {result['machine']}, prefill of "
+        f"{result['latency_tokens']} tokens, median of {result['repeats']} interleaved runs; ideal = FLOP ratio"
+    )
+    return "\n".join(lines)
