@@ -18,7 +18,7 @@ from lord_export.data import batches, read_documents, tokenize_blocks
 from lord_export.demo import subsample_windows
 from lord_export.evaluate import document_windows
 from lord_export.hf import load_dense, load_tokenizer
-from lord_export.reference import reference_model_dir, stdlib_split
+from lord_export.reference import reference_model_dir, split_texts
 from lord_export.sweep import run_sweep, write_sweep
 
 RANK_REDUCTIONS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
@@ -33,8 +33,8 @@ def main() -> None:
     args = ap.parse_args()
     model_dir = reference_model_dir()
     tok = load_tokenizer(model_dir)
-    ids, mask = tokenize_blocks(tok, read_documents(stdlib_split("calib")), samples=128, seqlen=256)
-    windows = subsample_windows(document_windows(tok, read_documents(stdlib_split("eval")), 256), args.eval_tokens)
+    ids, mask = tokenize_blocks(tok, read_documents(split_texts("calib")), samples=128, seqlen=256)
+    windows = subsample_windows(document_windows(tok, read_documents(split_texts("eval")), 256), args.eval_tokens)
     t0 = time.perf_counter()
     baseline, rows, parity = run_sweep(
         load_dense(model_dir, dtype="float32"),

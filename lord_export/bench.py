@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import shutil
 import statistics
 import tempfile
 import time
@@ -47,6 +48,7 @@ class Row:
     dense_spread_ms: float
     lord_spread_ms: float
     ideal_speedup: float
+    runs_on: str = ""  # device/provider and dtype of this backend's runs
 
     @property
     def speedup(self) -> float:
@@ -63,10 +65,16 @@ class Row:
 class BenchResult:
     rows: list[Row] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"info": self.info, "rows": [r.to_dict() for r in self.rows], "skipped": self.skipped}
+        return {
+            "info": self.info,
+            "rows": [r.to_dict() for r in self.rows],
+            "skipped": self.skipped,
+            "failed": self.failed,
+        }
 
 
 def parse_backends(names: Sequence[str]) -> list[str]:
@@ -149,11 +157,12 @@ class Runner:
     prefill: Callable[[torch.Tensor], Any]
     decode: Callable[[torch.Tensor, int], float] | None
     decode_skip: str = ""
+    runs_on: str = ""
 
 
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
 def torch_runner(model: Callable, device: str) -> Runner:
@@ -162,6 +171,7 @@ def torch_runner(model: Callable, device: str) -> Runner:
     def prefill(ids: torch.Tensor) -> None:
         with torch.no_grad():
             model(input_ids=ids.to(device), use_cache=False)
+        _sync(device)
 
     def decode(prompt: torch.Tensor, steps: int) -> float:
         with torch.no_grad():
@@ -175,11 +185,20 @@ def torch_runner(model: Callable, device: str) -> Runner:
             _sync(device)
         return (time.perf_counter() - t) / steps
 
-    return Runner(prefill, decode)
+    dtype = (
+        str(next(iter(model.parameters()), torch.empty(0)).dtype).replace("torch.", "")
+        if isinstance(model, nn.Module)
+        else ""
+    )
+    return Runner(prefill, decode, runs_on=f"torch {device} {dtype}".strip())
 
 
 def ort_runner(session: Any) -> Runner:
-    """An ONNX Runtime session of a causal LM; with KV-cache inputs (optimum's layout) it also decodes."""
+    """An ONNX Runtime session of a causal LM; with KV-cache inputs (optimum's layout) it also decodes.
+
+    Inputs and outputs go through numpy (host memory), also on the CUDA provider: each decode step
+    copies the KV cache out and back in, the same for dense and LoRD, which pulls CUDA decode
+    speed-ups toward 1 (I/O binding would keep it on the device)."""
     import numpy as np
 
     inputs = {i.name: i for i in session.get_inputs()}
@@ -191,7 +210,7 @@ def ort_runner(session: Any) -> Runner:
         for name in past_names:
             shape = [d if isinstance(d, int) else 1 for d in inputs[name].shape]
             shape[2] = 0  # (batch, kv heads, past length, head dim)
-            dtype = np.float16 if "float16" in inputs[name].type else np.float32
+            dtype = np.float16 if inputs[name].type == "tensor(float16)" else np.float32
             feeds[name] = np.zeros(shape, dtype=dtype)
         return feeds
 
@@ -222,9 +241,12 @@ def ort_runner(session: Any) -> Runner:
             length += 1
         return (time.perf_counter() - t) / steps
 
+    runs_on = f"ORT {session.get_providers()[0].replace('ExecutionProvider', '')} float32"
     if not past_names:
-        return Runner(prefill, None, "this ONNX has no KV-cache inputs (install lord_export[optimum] for them)")
-    return Runner(prefill, decode)
+        return Runner(
+            prefill, None, "this ONNX has no KV-cache inputs (install lord_export[optimum] for them)", runs_on
+        )
+    return Runner(prefill, decode, runs_on=runs_on)
 
 
 # --- backends: each returns {"dense": Runner, "lord": Runner} or raises Skip ---------------------------------------
@@ -243,7 +265,21 @@ def _backend_compile(ctx: dict) -> dict[str, Runner]:
     plan = read_plan(ctx["lord_dir"])  # factors in the benchmark's dtype, like the dense weights
     plan.tensors = {k: v.to(ctx["dtype"]) for k, v in plan.tensors.items()}
     lord = torch.compile(copy.deepcopy(ctx["dense"]), backend="lord", options={"plan": plan}, dynamic=True)
-    return {"dense": torch_runner(dense, ctx["device"]), "lord": torch_runner(lord, ctx["device"])}
+    # the compiled model must compute what the eager LoRD model computes, not the dense model
+    ids = ctx["probe"].to(ctx["device"])
+    with torch.no_grad():
+        got, want = lord(input_ids=ids, use_cache=False).logits, ctx["lord"](input_ids=ids, use_cache=False).logits
+        dense_out = ctx["dense"](input_ids=ids, use_cache=False).logits
+    tol = 1e-3 if ctx["dtype"] == torch.float32 else 5e-2
+    err = ((got - want).norm() / want.norm()).item()
+    if err > tol or torch.equal(got, dense_out):
+        raise RuntimeError(
+            f"torch.compile(backend='lord') does not reproduce the LoRD model (relative error {err:.3g})"
+        )
+    runners = {"dense": torch_runner(dense, ctx["device"]), "lord": torch_runner(lord, ctx["device"])}
+    for r in runners.values():
+        r.runs_on = r.runs_on.replace("torch ", "inductor ")
+    return runners
 
 
 def _backend_ort(ctx: dict, provider: str) -> dict[str, Runner]:
@@ -260,7 +296,7 @@ def _backend_ort(ctx: dict, provider: str) -> dict[str, Runner]:
 
     exported = ctx.setdefault("onnx", {})
     if not exported:
-        work = Path(tempfile.mkdtemp(prefix="lord-bench-"))
+        work = ctx["workdir"]
         try:
             import optimum.exporters.onnx  # noqa: F401
 
@@ -299,7 +335,7 @@ def _backend_tensorrt(ctx: dict) -> dict[str, Runner]:
     runners = {}
     for name in ("dense", "lord"):
         compiled = torch.compile(copy.deepcopy(ctx[name]), backend="torch_tensorrt", dynamic=False)
-        runners[name] = Runner(torch_runner(compiled, ctx["device"]).prefill, None, reason)
+        runners[name] = Runner(torch_runner(compiled, ctx["device"]).prefill, None, reason, f"TensorRT {ctx['device']}")
     return runners
 
 
@@ -366,6 +402,10 @@ def run_bench(
             f"exceed the model's {limit} positions; ask for fewer tokens"
         )
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as err:
+        raise UsageError(f"--device {device!r} is not usable here: {str(err).splitlines()[0]}") from None
     if threads:
         torch.set_num_threads(threads)
 
@@ -391,7 +431,9 @@ def run_bench(
         "dense_dir": str(dense_dir),
         "lord_dir": str(lord_dir),
         "date": time.strftime("%Y-%m-%d %H:%M"),
-        "device": torch.cuda.get_device_name() if device.startswith("cuda") else cpu_name(),
+        "device": device,
+        "cpu": cpu_name(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "threads": torch.get_num_threads(),
         "dtype": str(dtype).replace("torch.", ""),
         "torch": torch.__version__,
@@ -403,38 +445,60 @@ def run_bench(
         "repeats": repeats,
         "warmup": warmup,
     }
-    ctx = {"dense": dense, "lord": lord, "lord_dir": lord_dir, "device": device, "dtype": dtype, "threads": threads}
-    for backend in backends:
-        say(f"{backend}: preparing")
-        try:
-            runners = make_runners(backend, ctx)
-        except Skip as why:
-            result.skipped[backend] = str(why)
-            say(f"{backend}: skipped ({why})")
-            continue
-        for n, ids in prefill_ids.items():
-            say(f"{backend}: prefill {n} tokens")
-            times = _interleaved(
-                {k: (lambda r=r, ids=ids: r.prefill(ids)) for k, r in runners.items()}, repeats, warmup
-            )
-            result.rows.append(_row(backend, "prefill", n, times, ideal[n]))
-        if not decode_tokens:
-            continue
-        if any(r.decode is None for r in runners.values()):
-            result.skipped[f"{backend} decode"] = next(r.decode_skip for r in runners.values() if r.decode is None)
-            continue
-        say(f"{backend}: decode {decode_tokens} tokens after {decode_context}")
-        times = _interleaved(
-            {k: (lambda r=r: float(r.decode(prompt, decode_tokens))) for k, r in runners.items()}, repeats, warmup
-        )
-        result.rows.append(_row(backend, "decode", decode_context, times, ideal_decode))
+    workdir = Path(tempfile.mkdtemp(prefix="lord-bench-"))
+    ctx = {
+        "dense": dense,
+        "lord": lord,
+        "lord_dir": lord_dir,
+        "device": device,
+        "dtype": dtype,
+        "threads": threads,
+        "probe": prompt[:, : min(16, decode_context)],
+        "workdir": workdir,
+    }
+    try:
+        for backend in backends:
+            say(f"{backend}: preparing")
+            try:
+                _measure_backend(backend, ctx, result, prefill_ids, prompt, ideal, ideal_decode, say)
+            except Skip as why:
+                result.skipped[backend] = str(why)
+                say(f"{backend}: skipped ({why})")
+            except Exception as err:  # one broken backend must not lose the others' measurements
+                log.debug("backend %s failed", backend, exc_info=True)
+                result.failed[backend] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                say(f"{backend}: FAILED ({result.failed[backend]})")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
     return result
 
 
-def _row(backend: str, mode: str, n: int, times: dict[str, list[float]], ideal: float) -> Row:
+def _measure_backend(backend, ctx, result, prefill_ids, prompt, ideal, ideal_decode, say) -> None:
+    runners = make_runners(backend, ctx)
+    info = result.info
+    for n, ids in prefill_ids.items():
+        say(f"{backend}: prefill {n} tokens")
+        times = _interleaved(
+            {k: (lambda r=r, ids=ids: r.prefill(ids)) for k, r in runners.items()}, info["repeats"], info["warmup"]
+        )
+        result.rows.append(_row(backend, "prefill", n, times, ideal[n], runners["lord"].runs_on))
+    steps = info["decode_tokens"]
+    if not steps:
+        return
+    if any(r.decode is None for r in runners.values()):
+        result.skipped[f"{backend} decode"] = next(r.decode_skip for r in runners.values() if r.decode is None)
+        return
+    say(f"{backend}: decode {steps} tokens after {prompt.shape[1]}")
+    times = _interleaved(
+        {k: (lambda r=r: float(r.decode(prompt, steps))) for k, r in runners.items()}, info["repeats"], info["warmup"]
+    )
+    result.rows.append(_row(backend, "decode", prompt.shape[1], times, ideal_decode, runners["lord"].runs_on))
+
+
+def _row(backend: str, mode: str, n: int, times: dict[str, list[float]], ideal: float, runs_on: str) -> Row:
     med = {k: 1e3 * statistics.median(v) for k, v in times.items()}
     spread = {k: 1e3 * (max(v) - min(v)) for k, v in times.items()}
-    return Row(backend, mode, n, med["dense"], med["lord"], spread["dense"], spread["lord"], ideal)
+    return Row(backend, mode, n, med["dense"], med["lord"], spread["dense"], spread["lord"], ideal, runs_on)
 
 
 def cpu_name() -> str:
@@ -453,18 +517,19 @@ def cpu_name() -> str:
 def format_table(result: BenchResult) -> str:
     """The human-readable table of a bench run."""
     i = result.info
+    machine = i["cpu"] + (f" + {i['gpu']}" if i.get("gpu") else "")
     lines = [
-        f"dense {i['params_dense']:,} params vs LoRD {i['params_lord']:,} params, {i['dtype']} on {i['device']} "
-        f"({i['threads']} threads); median of {i['repeats']} after {i['warmup']} warm-up, spread = max - min",
-        f"{'backend':9} {'mode':8} {'tokens':>6} {'dense ms':>10} {'lord ms':>10} {'spread d/l ms':>14} "
-        f"{'speed-up':>8} {'ideal':>6} {'meas/ideal':>10}",
+        f"dense {i['params_dense']:,} params vs LoRD {i['params_lord']:,} params on {machine} "
+        f"({i['threads']} torch threads); median of {i['repeats']} after {i['warmup']} warm-up, spread = max - min",
+        f"{'backend':9} {'mode':10} {'tokens':>6} {'dense ms':>10} {'lord ms':>10} {'spread d/l ms':>15} "
+        f"{'speed-up':>8} {'ideal':>6} {'meas/ideal':>10}  runs on",
     ]
     for r in result.rows:
         label = "decode/tok" if r.mode == "decode" else r.mode
         lines.append(
-            f"{r.backend:9} {label:10} {r.tokens:4d} {r.dense_ms:10.2f} {r.lord_ms:10.2f} "
-            f"{r.dense_spread_ms:6.2f}/{r.lord_spread_ms:<7.2f} {r.speedup:8.2f} {r.ideal_speedup:6.2f} "
-            f"{r.speedup / r.ideal_speedup:10.2f}"
+            f"{r.backend:9} {label:10} {r.tokens:6d} {r.dense_ms:10.2f} {r.lord_ms:10.2f} "
+            f"{r.dense_spread_ms:7.2f}/{r.lord_spread_ms:<7.2f} {r.speedup:8.2f} {r.ideal_speedup:6.2f} "
+            f"{r.speedup / r.ideal_speedup:10.2f}  {r.runs_on}"
         )
     if i.get("decode_tokens"):
         lines.append(
@@ -472,4 +537,6 @@ def format_table(result: BenchResult) -> str:
         )
     for name, why in result.skipped.items():
         lines.append(f"skipped {name}: {why}")
+    for name, why in result.failed.items():
+        lines.append(f"FAILED {name}: {why}")
     return "\n".join(lines)

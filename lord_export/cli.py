@@ -258,7 +258,7 @@ def _demo(args: argparse.Namespace) -> int:
         raise UsageError(
             f"--rank-reductions must be numbers separated by commas, got {args.rank_reductions!r}"
         ) from None
-    say = (lambda msg: None) if args.quiet else (lambda msg: print(f"demo: {msg}", file=sys.stderr, flush=True))
+    say = None if args.quiet else (lambda msg: print(f"demo: {msg}", file=sys.stderr, flush=True))
     result = run_demo(
         args.out,
         model_dir=args.model_dir,
@@ -290,6 +290,8 @@ def _bench(args: argparse.Namespace) -> int:
     from .io import write_json
 
     backends = parse_backends(args.backends)  # before any loading: a typo fails at once
+    if args.json and not Path(args.json).absolute().parent.is_dir():
+        raise UsageError(f"the folder of --json {args.json!r} does not exist")
     say = (lambda msg: None) if args.quiet else (lambda msg: print(f"bench: {msg}", file=sys.stderr, flush=True))
     result = run_bench(
         args.dense_dir,
@@ -308,6 +310,9 @@ def _bench(args: argparse.Namespace) -> int:
     print(format_table(result))
     if args.json:
         write_json(Path(args.json), result.to_dict())
+    if result.failed:
+        print(f"{PROG}: failed: backend(s) {', '.join(result.failed)} could not be measured", file=sys.stderr)
+        return 1
     return 0
 
 

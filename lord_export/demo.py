@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import math
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -43,12 +44,12 @@ class DemoRow:
 
 
 def subsample_windows(windows: list[list[int]], max_tokens: int) -> list[list[int]]:
-    """Every k-th window so that about ``max_tokens`` tokens remain, spread over all documents."""
+    """Evenly spaced windows holding about ``max_tokens`` tokens, spread over all documents."""
     total = sum(len(w) for w in windows)
     if total <= max_tokens:
         return windows
-    step = math.ceil(total / max_tokens)
-    return windows[::step]
+    keep = max(1, math.floor(len(windows) * max_tokens / total))
+    return [windows[int(i * len(windows) / keep)] for i in range(keep)]
 
 
 def run_demo(
@@ -67,7 +68,9 @@ def run_demo(
     overwrite: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Run the demo (see module docstring); returns what it wrote to ``out``/demo.json."""
+    """Run the demo (see module docstring); returns what it wrote to ``out``/demo.json.
+
+    ``progress`` receives one line per step (and turns on progress bars); None keeps it quiet."""
     from . import apply_plan, calibrate, make_plan, select_targets
     from .bench import _interleaved, forward_flops, ort_runner
     from .config import LordConfig
@@ -77,9 +80,10 @@ def run_demo(
     from .io import atomic_output_dir, write_json
     from .onnx_export import export_model_onnx, make_session
     from .plan import count_parameters
-    from .reference import reference_model_dir, stdlib_split
+    from .reference import reference_model_dir, split_texts, trained_python
 
     say = progress or (lambda msg: None)
+    bars = progress is not None
     if not rank_reductions or not all(0 < r < 1 for r in rank_reductions):
         raise UsageError(f"rank reductions must be in (0, 1), got {list(rank_reductions)}")
     out = Path(out)
@@ -89,8 +93,10 @@ def run_demo(
     src = reference_model_dir() if reference else check_model_dir(model_dir)
     if not reference and (not calib or not eval_data):
         raise UsageError("with your own model directory, pass --calib and --eval data too")
-    calib_paths = list(calib) if calib else stdlib_split("calib")
-    eval_paths = list(eval_data) if eval_data else stdlib_split("eval")
+    calib_paths = list(calib) if calib else split_texts("calib")
+    eval_paths = list(eval_data) if eval_data else split_texts("eval")
+    if not out.absolute().parent.is_dir():
+        raise UsageError(f"the parent directory of --out {str(out)!r} does not exist")
     limit = max_positions(src)
     seqlen = seqlen or min(256, limit or 256)
     if limit is not None and max(seqlen, latency_tokens) > limit:
@@ -98,6 +104,12 @@ def run_demo(
 
     t_start = time.perf_counter()
     say(f"model {src}")
+    here = f"{sys.version_info.major}.{sys.version_info.minor}"
+    if reference and not eval_data and trained_python() not in (None, here):
+        say(
+            f"warning: the reference model was trained on Python {trained_python()}'s standard library; on {here} "
+            "files that moved may fall in another split, so some evaluation files may be familiar to it"
+        )
     tokenizer = load_tokenizer(src)
     dense = load_dense(src, dtype=torch.float32)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -108,7 +120,7 @@ def run_demo(
 
     layers = select_targets(dense, tuple(targets))
     say(f"calibrating {len(layers)} linear layers on {int(mask.sum()):,} tokens")
-    calibration = calibrate(dense, batches(ids, mask, 8), layers, progress=progress is not None)
+    calibration = calibrate(dense, batches(ids, mask, 8), layers, progress=bars)
     models: dict[str, tuple[float, torch.nn.Module, int]] = {"dense": (0.0, dense, 0)}
     for rr in rank_reductions:
         say(f"factorizing at rank reduction {rr}")

@@ -10,8 +10,12 @@ is in two splits: buckets 0–89 train, 90–94 calibration, 95–99 evaluation 
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 import sysconfig
 from pathlib import Path
+
+from .errors import LordError
 
 SPLITS = {"train": range(0, 90), "calib": range(90, 95), "eval": range(95, 100)}
 REFERENCE_MODEL = "reference-code-llama"
@@ -44,11 +48,23 @@ def stdlib_split(split: str, root: Path | None = None) -> list[Path]:
     return [p for p in stdlib_sources(root) if split_of(p.relative_to(root)) == split]
 
 
+def split_texts(split: str, root: Path | None = None) -> list[Path]:
+    """The files of a split that hold text: ``stdlib_split`` without the empty ones (``__init__.py``)."""
+    return [p for p in stdlib_split(split, root) if p.stat().st_size > 0]
+
+
+def trained_python() -> str | None:
+    """The Python version whose standard library the shipped reference model was trained on."""
+    record = reference_model_dir() / "training_log.json"
+    match = re.search(r"Python (\d+\.\d+)", json.loads(record.read_text())["data"]["source"])
+    return match.group(1) if match else None
+
+
 def reference_model_dir() -> Path:
     """The directory of the shipped reference model; a clear error if the package was built without it."""
     path = Path(__file__).parent / "assets" / REFERENCE_MODEL
     if not (path / "model.safetensors").is_file():
-        raise FileNotFoundError(
+        raise LordError(
             f"the reference model is missing from {path}; reinstall lord_export from a full checkout "
             "or train it with examples/train_reference_model.py"
         )
