@@ -119,6 +119,10 @@ def main() -> None:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         sys.exit(f"error: {out} exists; pass --overwrite to replace it")
+    if not out.absolute().parent.is_dir():
+        sys.exit(f"error: the parent directory of {out} does not exist")
+    if (args.steps is not None and args.steps < 1) or (args.minutes is not None and args.minutes <= 0):
+        sys.exit("error: --steps must be >= 1 and --minutes > 0")
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -172,8 +176,10 @@ def main() -> None:
     )
     gen = torch.Generator().manual_seed(args.seed)
     train_t = torch.from_numpy(train.astype(np.int64))
-    probe = [w for w in eval_windows if len(w) == args.seq_len][:: max(1, len(eval_windows) // 64)][:16]
-    probe_batch = torch.tensor(probe, device=device)
+    full = [w for w in eval_windows if len(w) == args.seq_len]
+    if not full:
+        sys.exit(f"error: no evaluation file holds {args.seq_len} tokens; use more files or a smaller --seq-len")
+    probe_batch = torch.tensor(full[:: max(1, len(full) // 16)][:16], device=device)
 
     log: list[dict] = []
     losses: list[float] = []
