@@ -179,7 +179,7 @@ def main() -> None:
     full = [w for w in eval_windows if len(w) == args.seq_len]
     if not full:
         sys.exit(f"error: no evaluation file holds {args.seq_len} tokens; use more files or a smaller --seq-len")
-    probe_batch = torch.tensor(full[:: max(1, len(full) // 16)][:16], device=device)
+    probe_batch = torch.tensor(full[:: max(1, len(eval_windows) // 64)][:16], device=device)
 
     log: list[dict] = []
     losses: list[float] = []
