@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lord_export.bench import cpu_name
 from lord_export.evaluate import document_windows, perplexity
 from lord_export.io import atomic_output_dir
 from lord_export.reference import REFERENCE_MODEL, SEPARATOR_TOKEN, stdlib_root, stdlib_split
@@ -226,7 +227,7 @@ def main() -> None:
         "heldout_perplexity": round(ppl.perplexity, 3),
         "unigram_heldout_perplexity": round(math.exp(uni_nll / uni_tokens), 3),
         "parameters": n_params,
-        "machine": f"{platform.machine()} {platform.processor() or ''} {args.threads} threads, {device}".strip(),
+        "machine": f"{cpu_name()}, {args.threads} threads, {device}",
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
         "total_minutes": round((time.perf_counter() - t_start) / 60, 1),
