@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("model_dir", nargs="?", metavar="MODEL_DIR", help="your model directory (default: reference model)")
     d.add_argument("--calib", nargs="+", metavar="PATH", help="calibration data (default: the reference calib split)")
     d.add_argument("--eval", nargs="+", metavar="PATH", dest="eval_data", help="evaluation data (default: eval split)")
-    d.add_argument("--rank-reductions", default="0.2,0.4", help="comma-separated values in (0, 1)")
+    d.add_argument("--rank-reductions", default="0.3,0.5", help="comma-separated values in (0, 1)")
     d.add_argument("--targets", nargs="+", default=["all"], metavar="T", help="targets to factorize")
     d.add_argument("--eval-tokens", type=_positive_int, default=65536, help="held-out tokens to evaluate (at most)")
     d.add_argument(
