@@ -32,7 +32,7 @@ import torch
 from lord_export.bench import cpu_name
 from lord_export.evaluate import document_windows, perplexity
 from lord_export.io import atomic_output_dir
-from lord_export.reference import REFERENCE_MODEL, SEPARATOR_TOKEN, stdlib_root, stdlib_split
+from lord_export.reference import REFERENCE_MODEL, SEPARATOR_TOKEN, stdlib_split
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "lord_export" / "assets" / REFERENCE_MODEL
 
@@ -132,11 +132,10 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     t_start = time.perf_counter()
 
-    root = stdlib_root()
     files = {s: stdlib_split(s)[: args.max_files] for s in ("train", "calib", "eval")}
     texts = {s: read(fs) for s, fs in files.items()}
     data_record = {
-        "source": f"Python {platform.python_version()} standard library sources ({root})",
+        "source": f"Python {platform.python_version()} standard library sources (sysconfig stdlib path)",
         "split": "sha256(relative path) % 100: 0-89 train, 90-94 calib, 95-99 eval",
         **{f"{s}_files": len(fs) for s, fs in files.items()},
         **{f"{s}_bytes": sum(len(t.encode()) for t in texts[s]) for s in texts},
@@ -238,7 +237,8 @@ def main() -> None:
     with atomic_output_dir(out, overwrite=args.overwrite) as tmp:
         model.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        record = {"command": command, "args": vars(args), "data": data_record, "result": result, "log": log}
+        recorded_args = {**vars(args), "out": out.name}  # no machine-specific paths in the shipped record
+        record = {"command": command, "args": recorded_args, "data": data_record, "result": result, "log": log}
         (tmp / "training_log.json").write_text(json.dumps(record, indent=2) + "\n")
         (tmp / "README.md").write_text(model_card(record, config))
     print(f"wrote {out}", flush=True)

@@ -165,8 +165,9 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
-def torch_runner(model: Callable, device: str) -> Runner:
-    """A transformers causal LM (eager or compiled) on ``device``."""
+def torch_runner(model: Callable, device: str, dtype: torch.dtype) -> Runner:
+    """A transformers causal LM (eager or compiled) on ``device``, running in ``dtype``."""
+    label = str(dtype).replace("torch.", "")
 
     def prefill(ids: torch.Tensor) -> None:
         with torch.no_grad():
@@ -185,12 +186,7 @@ def torch_runner(model: Callable, device: str) -> Runner:
             _sync(device)
         return (time.perf_counter() - t) / steps
 
-    dtype = (
-        str(next(iter(model.parameters()), torch.empty(0)).dtype).replace("torch.", "")
-        if isinstance(model, nn.Module)
-        else ""
-    )
-    return Runner(prefill, decode, runs_on=f"torch {device} {dtype}".strip())
+    return Runner(prefill, decode, runs_on=f"torch {device} {label}")
 
 
 def ort_runner(session: Any) -> Runner:
@@ -253,7 +249,7 @@ def ort_runner(session: Any) -> Runner:
 
 
 def _backend_eager(ctx: dict) -> dict[str, Runner]:
-    return {"dense": torch_runner(ctx["dense"], ctx["device"]), "lord": torch_runner(ctx["lord"], ctx["device"])}
+    return {name: torch_runner(ctx[name], ctx["device"], ctx["dtype"]) for name in ("dense", "lord")}
 
 
 def _backend_compile(ctx: dict) -> dict[str, Runner]:
@@ -276,7 +272,10 @@ def _backend_compile(ctx: dict) -> dict[str, Runner]:
         raise RuntimeError(
             f"torch.compile(backend='lord') does not reproduce the LoRD model (relative error {err:.3g})"
         )
-    runners = {"dense": torch_runner(dense, ctx["device"]), "lord": torch_runner(lord, ctx["device"])}
+    runners = {
+        "dense": torch_runner(dense, ctx["device"], ctx["dtype"]),
+        "lord": torch_runner(lord, ctx["device"], ctx["dtype"]),
+    }
     for r in runners.values():
         r.runs_on = r.runs_on.replace("torch ", "inductor ")
     return runners
@@ -335,7 +334,9 @@ def _backend_tensorrt(ctx: dict) -> dict[str, Runner]:
     runners = {}
     for name in ("dense", "lord"):
         compiled = torch.compile(copy.deepcopy(ctx[name]), backend="torch_tensorrt", dynamic=False)
-        runners[name] = Runner(torch_runner(compiled, ctx["device"]).prefill, None, reason, f"TensorRT {ctx['device']}")
+        runners[name] = Runner(
+            torch_runner(compiled, ctx["device"], ctx["dtype"]).prefill, None, reason, f"TensorRT {ctx['device']}"
+        )
     return runners
 
 

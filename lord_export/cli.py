@@ -32,6 +32,17 @@ def _rank_reduction(text: str) -> float:
     return value
 
 
+def _rank_reduction_list(text: str) -> list[float]:
+    """Comma-separated rank reductions, each in [0, 1)."""
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--rank-reductions must be numbers separated by commas, got {text!r}") from None
+    if not values or not all(0 <= r < 1 for r in values):
+        raise UsageError(f"every rank reduction must be in [0, 1), got {text!r}")
+    return values
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -252,12 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import format_demo, run_demo
 
-    try:
-        rrs = [float(x) for x in args.rank_reductions.split(",") if x.strip()]
-    except ValueError:
-        raise UsageError(
-            f"--rank-reductions must be numbers separated by commas, got {args.rank_reductions!r}"
-        ) from None
+    rrs = _rank_reduction_list(args.rank_reductions)
     say = None if args.quiet else (lambda msg: print(f"demo: {msg}", file=sys.stderr, flush=True))
     result = run_demo(
         args.out,
@@ -451,14 +457,7 @@ def _sweep(args: argparse.Namespace) -> int:
     from .sweep import run_sweep, write_sweep
 
     src = check_model_dir(args.model_dir)
-    try:
-        rrs = [float(x) for x in args.rank_reductions.split(",") if x.strip()]
-    except ValueError:
-        raise UsageError(
-            f"--rank-reductions must be numbers separated by commas, got {args.rank_reductions!r}"
-        ) from None
-    if not rrs or not all(0 <= r < 1 for r in rrs):
-        raise UsageError(f"every rank reduction must be in [0, 1), got {args.rank_reductions!r}")
+    rrs = _rank_reduction_list(args.rank_reductions)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:

@@ -142,8 +142,9 @@ def run_demo(
             d.mkdir(parents=True)
             reports[name] = export_model_onnx(copy.deepcopy(model), d, factorized_groups=groups, validate=True)
         say(f"ONNX Runtime latency, prefill of {latency_tokens} tokens, {repeats} interleaved runs")
-        runners = {name: ort_runner(make_session(r.path, prefer_cuda=True)) for name, r in reports.items()}
-        provider = make_session(reports["dense"].path, prefer_cuda=True).get_providers()[0]
+        sessions = {name: make_session(r.path, prefer_cuda=True) for name, r in reports.items()}
+        runners = {name: ort_runner(session) for name, session in sessions.items()}
+        provider = sessions["dense"].get_providers()[0]
         prompt = torch.randint(
             0, int(dense.config.vocab_size), (1, latency_tokens), generator=torch.Generator().manual_seed(0)
         )
