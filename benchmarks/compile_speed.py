@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from lord_export.bench import cpu_name, forward_flops
+from lord_export.measure.flops import forward_flops
+from lord_export.measure.timing import cpu_name
 
 
 def add_model_args(ap: argparse.ArgumentParser) -> None:
@@ -73,7 +74,7 @@ def build(args):
 
 
 def flops(model, ids) -> int:
-    """FLOPs of one forward, attention included (see lord_export.bench.forward_flops)."""
+    """FLOPs of one forward, attention included (see lord_export.measure.flops.forward_flops)."""
     return forward_flops(model, input_ids=ids)
 
 

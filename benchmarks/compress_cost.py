@@ -37,7 +37,7 @@ def main() -> None:
 
     import lord_export as le
     from lord_export import factorize as fz
-    from lord_export.plan import build_groups
+    from lord_export.planner import build_groups
     from lord_export.targets import dense_weight
 
     model = llama_model(args, max(2048, args.seqlen))
@@ -68,7 +68,7 @@ def main() -> None:
     eig_runs = []
     for _ in range(2):  # after make_plan, so the bound does not pay one-time LAPACK start-up costs
         t = time.perf_counter()
-        for names in build_groups(layers, calibration, True):
+        for names in build_groups(layers, calibration.input_of, True):
             W = torch.cat([dense_weight(modules[n]).double() for n in names])
             fz.output_spectrum(W, calibration.of(names[0]).C)
         eig_runs.append(time.perf_counter() - t)

@@ -41,7 +41,7 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="default: benchmarks/results/ort_speed_<provider>.json")
     args = ap.parse_args()
 
-    from lord_export.onnx_export import export_model_onnx, matmul_census
+    from lord_export.export.onnx import export_model_onnx, matmul_census
 
     provider = args.provider
     if provider == "auto":

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 import lord_export as le
+from lord_export.data import CalibrationOptions
 
 
 def stdlib_files(n: int) -> list[Path]:
@@ -80,9 +81,8 @@ def main() -> None:
         out,
         calib,
         le.LordConfig(rank_reduction=args.rank_reduction),
-        samples=32,
-        seqlen=256,
-        progress=True,
+        data=CalibrationOptions(samples=32, seqlen=256),
+        bars=True,
     )
     seconds = time.perf_counter() - t0
 

@@ -29,9 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lord_export.bench import cpu_name
-from lord_export.evaluate import document_windows, perplexity
+from lord_export.data import document_windows
 from lord_export.io import atomic_output_dir
+from lord_export.measure.evaluate import perplexity
+from lord_export.measure.timing import cpu_name
 from lord_export.reference import REFERENCE_MODEL, SEPARATOR_TOKEN, stdlib_split
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "lord_export" / "assets" / REFERENCE_MODEL

@@ -18,9 +18,10 @@ from .calibrate import Calibration, calibrate  # noqa: E402
 from .compress import compress, compress_model_dir  # noqa: E402
 from .config import LordConfig  # noqa: E402
 from .errors import CalibrationError, LordError, PlanError, TargetError, UsageError  # noqa: E402
-from .io import load, read_plan, save_compressed  # noqa: E402
+from .io import load, load_model_dir, read_plan, save_compressed  # noqa: E402
 from .modules import LordBottleneck, LordLinear  # noqa: E402
-from .plan import Group, Member, Plan, make_plan  # noqa: E402
+from .plan import Group, Member, Plan  # noqa: E402
+from .planner import make_plan  # noqa: E402
 from .targets import PRESETS, select_targets  # noqa: E402
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "TargetError",
     "UsageError",
     "load",
+    "load_model_dir",
     "read_plan",
     "save_compressed",
     "LordBottleneck",

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
 from .errors import PlanError
 from .modules import LordBottleneck, LordLinear
-from .plan import BOTTLENECKS_ATTR, Plan
+from .plan import BOTTLENECKS_ATTR, Group, Plan
 from .targets import is_linear, linear_info
 
 
@@ -22,25 +24,35 @@ def apply_plan(model: nn.Module, plan: Plan, *, load_tensors: bool = True) -> nn
     """
     check_plan_fits(model, plan, need_tensors=load_tensors)
     for group in plan.factorized_groups:
-        parent = model.get_submodule(group.parent) if group.parent else model
-        first = model.get_submodule(group.members[0].name)
-        device, dtype = first.weight.device, first.weight.dtype
-        bottleneck = LordBottleneck(group.d_in, group.rank, len(group.members), device=device, dtype=dtype)
-        if not hasattr(parent, BOTTLENECKS_ATTR):
-            parent.add_module(BOTTLENECKS_ATTR, nn.ModuleDict())
-        getattr(parent, BOTTLENECKS_ATTR)[group.key] = bottleneck
-        for m in group.members:
-            layer = LordLinear(bottleneck, m.d_out, m.has_bias, device=device, dtype=dtype)
-            parent.add_module(m.name.rsplit(".", 1)[-1], layer)
-        if load_tensors:
-            with torch.no_grad():
-                bottleneck.weight.copy_(plan.tensors[f"{group.bottleneck_name}.weight"])
-                for m in group.members:
-                    layer = model.get_submodule(m.name)
-                    layer.weight.copy_(plan.tensors[f"{m.name}.weight"])
-                    if m.has_bias:
-                        layer.bias.copy_(plan.tensors[f"{m.name}.bias"])
+        apply_group(model, group, plan.tensors if load_tensors else None)
     return model
+
+
+def apply_group(root: nn.Module, group: Group, tensors: Mapping[str, torch.Tensor] | None) -> None:
+    """Swap one factorized group into ``root`` (member names are relative to ``root``).
+
+    ``tensors`` holds the group's factors under state-dict names relative to ``root``; None leaves
+    the new parameters uninitialized.
+    """
+    parent = root.get_submodule(group.parent) if group.parent else root
+    first = root.get_submodule(group.members[0].name)
+    device, dtype = first.weight.device, first.weight.dtype
+    bottleneck = LordBottleneck(group.d_in, group.rank, len(group.members), device=device, dtype=dtype)
+    if not hasattr(parent, BOTTLENECKS_ATTR):
+        parent.add_module(BOTTLENECKS_ATTR, nn.ModuleDict())
+    getattr(parent, BOTTLENECKS_ATTR)[group.key] = bottleneck
+    for m in group.members:
+        layer = LordLinear(bottleneck, m.d_out, m.has_bias, device=device, dtype=dtype)
+        parent.add_module(m.name.rsplit(".", 1)[-1], layer)
+    if tensors is None:
+        return
+    with torch.no_grad():
+        bottleneck.weight.copy_(tensors[f"{group.bottleneck_name}.weight"])
+        for m in group.members:
+            layer = root.get_submodule(m.name)
+            layer.weight.copy_(tensors[f"{m.name}.weight"])
+            if m.has_bias:
+                layer.bias.copy_(tensors[f"{m.name}.bias"])
 
 
 def check_plan_fits(model: nn.Module, plan: Plan, *, need_tensors: bool = True) -> None:

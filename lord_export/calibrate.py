@@ -4,14 +4,19 @@ For every targeted linear layer, forward pre-hooks accumulate C = Σ x xᵀ (flo
 tokens of the calibration data, plus Σ|x| per feature (for the ASVD baseline) and the token count.
 Activations are never kept. Layers that read the *same tensor* in a forward pass (q/k/v, gate/up)
 share one set of statistics, accumulated once; which layers share is recorded from what the hooks
-see, not guessed from names. Positions where the model's ``attention_mask`` is 0 are left out.
+see, not guessed from names. Positions where the batch's ``attention_mask`` is 0 are left out.
+
+Precision: each batch's product xᵀx is formed in float32 (float64 inputs stay float64; bf16/fp16
+inputs are upcast first, so a half-precision model loses nothing there) and summed in float64,
+with TF32 turned off (:func:`exact_matmuls`) so that CUDA float32 products are real float32.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +31,26 @@ Batch = dict[str, Any] | torch.Tensor
 CalibrationData = Iterable[Batch] | Callable[[nn.Module], Any]
 
 
+@contextlib.contextmanager
+def exact_matmuls() -> Iterator[None]:
+    """TF32 off (CUDA matmuls and cuDNN) and float32 matmul precision "highest", restored afterwards."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    precision = torch.get_float32_matmul_precision()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+        torch.set_float32_matmul_precision(precision)
+
+
+def product_dtype(x: torch.Tensor, accumulate_dtype: torch.dtype = torch.float32) -> torch.dtype:
+    """The dtype a batch product is formed in: float64 for float64 inputs, else ``accumulate_dtype``."""
+    return torch.float64 if x.dtype == torch.float64 else accumulate_dtype
+
+
 @dataclass
 class InputStats:
     """Statistics of one distinct layer input. ``C`` is (d_in, d_in) float64."""
@@ -34,9 +59,42 @@ class InputStats:
     abs_sum: torch.Tensor
     tokens: int = 0
 
+    @classmethod
+    def zeros(cls, d: int, device: torch.device | str) -> InputStats:
+        return cls(
+            C=torch.zeros(d, d, dtype=torch.float64, device=device),
+            abs_sum=torch.zeros(d, dtype=torch.float64, device=device),
+        )
+
     @property
     def mean_abs(self) -> torch.Tensor:
         return self.abs_sum / max(self.tokens, 1)
+
+    def add(self, rows: torch.Tensor, accumulate_dtype: torch.dtype = torch.float32, *, name: str = "") -> None:
+        """Accumulate the (tokens, d) ``rows`` of one batch."""
+        rows = rows.to(device=self.C.device, dtype=product_dtype(rows, accumulate_dtype))
+        xtx = rows.T @ rows
+        if not torch.isfinite(xtx).all():
+            raise CalibrationError(f"non-finite activation (NaN or Inf) entering layer {name!r}")
+        self.C += xtx.double()
+        self.abs_sum += rows.abs().sum(0).double()
+        self.tokens += rows.shape[0]
+
+
+def select_tokens(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The (tokens, d) rows of activation ``x`` at positions where ``mask`` is 1.
+
+    Returns None when ``x`` does not line up with the (batch, tokens) ``mask``; without a mask
+    every position is a row.
+    """
+    x = x.detach()
+    if mask is None:
+        return x.reshape(-1, x.shape[-1])
+    if x.dim() == 3 and x.shape[0] == mask.shape[0] and x.shape[1] <= mask.shape[1]:
+        return x[mask[:, -x.shape[1] :].to(x.device).bool()]
+    if x.dim() == 2 and x.shape[0] == mask.numel():
+        return x[mask.reshape(-1).to(x.device).bool()]
+    return None
 
 
 @dataclass
@@ -44,13 +102,15 @@ class Calibration:
     """The result of calibration: statistics per distinct input and which layer read which.
 
     ``input_of[layer]`` is the key (the name of the first layer that read that tensor) of the
-    statistics in ``stats``; layers with the same key read the same tensor.
+    statistics in ``stats``; layers with the same key read the same tensor. ``order`` lists the
+    keys in the order the forward pass first reached them.
     """
 
     stats: dict[str, InputStats]
     input_of: dict[str, str]
     batches: int = 0
     warnings: list[str] = field(default_factory=list)
+    order: list[str] = field(default_factory=list)
 
     def of(self, layer: str) -> InputStats:
         return self.stats[self.input_of[layer]]
@@ -59,16 +119,28 @@ class Calibration:
 class Calibrator:
     """Context manager that installs the hooks; use :func:`calibrate` unless you drive it yourself.
 
-    Every top-level forward of ``model`` is one batch: its ``attention_mask`` keyword argument,
-    when present, masks padding positions out of the statistics.
+    With ``batch_hooks`` (the default) every top-level forward of ``model`` is one batch and its
+    ``attention_mask`` keyword masks padding; otherwise call :meth:`begin_batch` and
+    :meth:`end_batch` around each forward (how the streaming engine drives one block).
     """
 
-    def __init__(self, model: nn.Module, layers: Sequence[str], accumulate_dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Sequence[str],
+        accumulate_dtype: torch.dtype = torch.float32,
+        *,
+        batch_hooks: bool = True,
+        stats_device: torch.device | str | None = None,
+    ):
         self.model = model
         self.layers = list(layers)
         self.accumulate_dtype = accumulate_dtype
+        self.batch_hooks = batch_hooks
+        self.stats_device = stats_device
         self.stats: dict[str, InputStats] = {}
         self.input_of: dict[str, str] = {}
+        self.order: list[str] = []
         self.batches = 0
         self.warnings: list[str] = []
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -79,8 +151,9 @@ class Calibrator:
 
     def __enter__(self) -> Calibrator:
         modules = dict(self.model.named_modules())
-        self._handles.append(self.model.register_forward_pre_hook(self._start_batch, with_kwargs=True))
-        self._handles.append(self.model.register_forward_hook(self._end_batch))
+        if self.batch_hooks:
+            self._handles.append(self.model.register_forward_pre_hook(self._start_batch, with_kwargs=True))
+            self._handles.append(self.model.register_forward_hook(lambda *a: self.end_batch()))
         for name in self.layers:
             self._handles.append(modules[name].register_forward_pre_hook(self._make_hook(name)))
         return self
@@ -89,6 +162,17 @@ class Calibrator:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._seen.clear()
+
+    def begin_batch(self, mask: torch.Tensor | None) -> None:
+        """Start a batch whose (batch, tokens) padding mask is ``mask`` (None: no padding)."""
+        self._seen.clear()
+        self._batch_key = {}
+        self._mask = mask
+
+    def end_batch(self) -> None:
+        if self._batch_key:
+            self.batches += 1
         self._seen.clear()
 
     def result(self) -> Calibration:
@@ -100,19 +184,12 @@ class Calibrator:
         for key, st in self.stats.items():
             if st.tokens == 0:
                 raise CalibrationError(f"every calibration position of {key!r} was padding (attention_mask 0)")
-        return Calibration(self.stats, dict(self.input_of), self.batches, list(self.warnings))
+        return Calibration(self.stats, dict(self.input_of), self.batches, list(self.warnings), list(self.order))
 
     # -- hooks ---------------------------------------------------------------------------------
     def _start_batch(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self._seen.clear()
-        self._batch_key = {}
         mask = kwargs.get("attention_mask")
-        self._mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-
-    def _end_batch(self, module: nn.Module, args: tuple, output: Any) -> None:
-        if self._batch_key:
-            self.batches += 1
-        self._seen.clear()
+        self.begin_batch(mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None)
 
     def _make_hook(self, name: str) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
@@ -143,40 +220,22 @@ class Calibrator:
             self._accumulate(key, name, x)
 
     def _accumulate(self, key: str, name: str, x: torch.Tensor) -> None:
-        rows = self._select_tokens(name, x)
-        d = rows.shape[-1]
-        dtype = torch.float64 if x.dtype == torch.float64 else self.accumulate_dtype
-        rows = rows.to(dtype)
-        xtx = rows.T @ rows
-        if not torch.isfinite(xtx).all():
-            raise CalibrationError(f"non-finite activation (NaN or Inf) entering layer {name!r}")
-        st = self.stats.get(key)
-        if st is None:
-            st = self.stats[key] = InputStats(
-                C=torch.zeros(d, d, dtype=torch.float64, device=x.device),
-                abs_sum=torch.zeros(d, dtype=torch.float64, device=x.device),
-            )
-        st.C += xtx.double()
-        st.abs_sum += rows.abs().sum(0).double()
-        st.tokens += rows.shape[0]
-
-    def _select_tokens(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        x = x.detach()
-        mask = self._mask
-        if mask is not None:
-            if x.dim() == 3 and x.shape[0] == mask.shape[0] and x.shape[1] <= mask.shape[1]:
-                return x[mask[:, -x.shape[1] :].bool()]
-            if x.dim() == 2 and x.shape[0] == mask.numel():
-                return x[mask.reshape(-1).bool()]
+        rows = select_tokens(x, self._mask)
+        if rows is None:
+            rows = x.detach().reshape(-1, x.shape[-1])
             if name not in self._unmasked_warned:
                 self._unmasked_warned.add(name)
                 msg = (
                     f"layer {name!r}: input shape {tuple(x.shape)} does not line up with attention_mask "
-                    f"{tuple(mask.shape)}; all its positions are used"
+                    f"{tuple(self._mask.shape)}; all its positions are used"
                 )
                 log.warning(msg)
                 self.warnings.append(msg)
-        return x.reshape(-1, x.shape[-1])
+        st = self.stats.get(key)
+        if st is None:
+            st = self.stats[key] = InputStats.zeros(rows.shape[-1], self.stats_device or x.device)
+            self.order.append(key)
+        st.add(rows, self.accumulate_dtype, name=name)
 
 
 def calibrate(
@@ -191,15 +250,18 @@ def calibrate(
     """Run ``model`` over ``data`` and return input statistics for ``layers``.
 
     ``data`` is either an iterable of batches (a dict of model keyword arguments such as
-    ``input_ids``/``attention_mask``, or an ``input_ids`` tensor), or a callback ``run(model)``
-    that drives the model itself (every top-level forward counts as a batch). Batch products are
-    formed in ``accumulate_dtype`` (float32 by default; float64 inputs stay float64) and summed
-    in float64.
+    ``input_ids``/``attention_mask``, or an ``input_ids`` tensor), moved to the model's device, or
+    a callback ``run(model)`` that drives the model itself (every top-level forward counts as a
+    batch). Batch products are formed in ``accumulate_dtype`` (float32 by default; float64 inputs
+    stay float64) and summed in float64.
     """
+    from .hf import model_device
+
+    device = model_device(model)
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), Calibrator(model, layers, accumulate_dtype) as cal:
+        with torch.no_grad(), exact_matmuls(), Calibrator(model, layers, accumulate_dtype) as cal:
             if callable(data):
                 data(model)
             else:
@@ -210,14 +272,20 @@ def calibrate(
                     it = tqdm(data, desc="calibrate", unit="batch", total=total)
                 for batch in it:
                     if isinstance(batch, torch.Tensor):
-                        model(input_ids=batch)
+                        model(input_ids=batch.to(device))
                     elif isinstance(batch, dict):
-                        model(**batch)
+                        model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
                     else:
                         raise TypeError(f"a calibration batch must be a dict or a tensor, got {type(batch).__name__}")
         result = cal.result()
     finally:
         model.train(was_training)
+    warn_few_tokens(result)
+    return result
+
+
+def warn_few_tokens(result: Calibration) -> None:
+    """Warn (and record) when an input saw fewer tokens than features: C is singular there."""
     d_small = [k for k, st in result.stats.items() if st.tokens < st.C.shape[0]]
     if d_small:
         st = result.stats[d_small[0]]
@@ -228,4 +296,3 @@ def calibrate(
         )
         log.warning(msg)
         result.warnings.append(msg)
-    return result

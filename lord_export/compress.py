@@ -1,10 +1,18 @@
-"""One call that does calibrate → plan → apply, for a model in memory or a model directory."""
+"""The one-call API over the stages, for a model in memory or a model directory, and the
+calibrate-once / factorize-per-setting loop that sweeps and the demo share.
+
+Both entry points run the block-by-block engine (:mod:`lord_export.engine`); a model whose blocks
+cannot be found (or a calibration callback instead of batches) falls back to whole-model
+calibration with a warning.
+"""
 
 from __future__ import annotations
 
+import copy
 import logging
+import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,14 +21,23 @@ from torch import nn
 
 from . import __version__
 from .apply import apply_plan
-from .calibrate import CalibrationData, calibrate
+from .calibrate import Calibration, CalibrationData, calibrate
 from .config import LordConfig
-from .data import DEFAULT_SAMPLES, DEFAULT_SEQLEN, batches, read_documents, tokenize_blocks
-from .errors import UsageError
-from .plan import Plan, count_parameters, make_plan
+from .data import CalibrationOptions, calibration_set, text_files
+from .errors import OutputExistsError, UsageError
+from .fingerprint import count_parameters, describe_model
+from .plan import Plan
+from .planner import make_plan
 from .targets import select_targets
 
 log = logging.getLogger(__name__)
+
+
+def resolve_config(config: LordConfig | None, overrides: dict[str, Any]) -> LordConfig:
+    """``config`` with keyword ``overrides`` applied; unknown names are an error, with or without a config."""
+    if config is None:
+        return LordConfig.from_dict(overrides)
+    return config.replace(**overrides) if overrides else config
 
 
 def compress(
@@ -28,35 +45,109 @@ def compress(
     data: CalibrationData,
     config: LordConfig | None = None,
     *,
+    device: str | torch.device | None = None,
+    stats_device: str | torch.device | None = None,
     progress: bool = False,
     **overrides: Any,
 ) -> Plan:
     """Compress ``model`` IN PLACE with LoRD and return the plan (with a report in ``plan.report``).
 
-    ``data``: an iterable of batches (dicts of model kwargs, or input_ids tensors) or a callback
-    ``run(model)``. ``config`` fields may also be given as keyword overrides
-    (``compress(model, data, rank_reduction=0.3, targets=("mlp",))``).
+    ``data``: an iterable of batches (dicts of model kwargs, or input_ids tensors; moved to the
+    compute device) or a callback ``run(model)``. ``config`` fields may also be given as keyword
+    overrides (``compress(model, data, rank_reduction=0.3, targets=("mlp",))``). Blocks are
+    processed one at a time on ``device`` (default: where the model is) and go back where they
+    were; statistics live on ``stats_device`` (default: ``device``).
     """
-    if config is None:
-        config = LordConfig(**overrides)
-    elif overrides:
-        config = LordConfig.from_dict({**config.to_dict(), **overrides})
-    layers = select_targets(model, config.targets, config.exclude)
+    from .device import resolve_device
+    from .engine import Engine, find_streamable_blocks
+    from .hf import model_device
+
+    config = resolve_config(config, overrides)
+    device = resolve_device(device if device is not None else model_device(model))
+    base = describe_model(model)
     params_before = count_parameters(model)
     t0 = time.perf_counter()
-    calibration = calibrate(model, data, layers, progress=progress)
-    t1 = time.perf_counter()
-    plan = make_plan(model, calibration, layers, config, progress=progress)
-    t2 = time.perf_counter()
-    apply_plan(model, plan)
+    blocks, why = find_streamable_blocks(model)
+    if callable(data):
+        blocks, why = None, "calibration data is a callback, not batches"
+    if blocks is None:
+        plan = _compress_whole_model(model, data, config, why, progress)
+    else:
+        batches = [b if isinstance(b, dict) else {"input_ids": b} for b in data]
+        engine = Engine(model, config, device=device, stats_device=stats_device, bars=progress)
+        result = engine.run(batches, blocks)
+        plan = Plan(config=config, groups=result.groups, warnings=result.warnings, tensors=result.tensors)
+        plan.report = {"calibration": {"batches": result.calibration_batches}, "blocks": result.blocks}
+    plan.base_model = base
     plan.report = build_report(
         plan,
         params_before=params_before,
         params_after=count_parameters(model),
-        calibration={"batches": calibration.batches},
-        timings={"calibrate_s": round(t1 - t0, 3), "factorize_s": round(t2 - t1, 3)},
+        calibration=plan.report.get("calibration"),
+        timings={"compress_s": round(time.perf_counter() - t0, 3)},
+        streamed=blocks is not None,
     )
     return plan
+
+
+def _compress_whole_model(model: nn.Module, data: CalibrationData, config: LordConfig, why: str, progress: bool):
+    """Calibrate the whole model at once (statistics of every layer in memory together)."""
+    if config.calibration != "independent":
+        raise UsageError(f"calibration {config.calibration!r} needs block-by-block processing, but {why}")
+    log.warning("calibrating the whole model at once: %s", why)
+    layers = select_targets(model, config.targets, config.exclude)
+    calibration = calibrate(model, data, layers, progress=progress)
+    plan = make_plan(model, calibration, layers, config, progress=progress)
+    apply_plan(model, plan)
+    plan.warnings.append(f"whole-model calibration: {why}")
+    plan.report = {"calibration": {"batches": calibration.batches}}
+    return plan
+
+
+def factorize_settings(
+    model: nn.Module, calibration: Calibration, configs: Sequence[LordConfig]
+) -> Iterator[tuple[LordConfig, nn.Module, Plan]]:
+    """For each config, a compressed COPY of ``model`` and its plan, all from one calibration.
+
+    ``calibration`` must cover every layer the configs target; ``model`` is not modified. Only
+    ``independent`` calibration can be shared this way (the others depend on the setting).
+    """
+    cache: dict = {}
+    for config in configs:
+        work = copy.deepcopy(model)
+        layers = select_targets(work, config.targets, config.exclude)
+        plan = make_plan(work, calibration, layers, config, cache=cache)
+        apply_plan(work, plan)
+        yield config, work, plan
+
+
+def compress_settings(
+    model: nn.Module,
+    batches: list[dict[str, torch.Tensor]],
+    configs: Sequence[LordConfig],
+    *,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> Iterator[tuple[LordConfig, nn.Module, Plan]]:
+    """Compressed copies of ``model`` for several settings (sweeps, the demo); ``model`` is not modified.
+
+    ``independent`` settings share one calibration of every layer they target and each group's
+    rank-independent decomposition (:func:`factorize_settings`); ``sequential`` and
+    ``compensating`` settings depend on the ranks chosen before them, so each runs the engine.
+    """
+    shared = [c for c in configs if c.calibration == "independent"]
+    calibration = None
+    if shared:
+        layers = sorted({n for c in shared for n in select_targets(model, c.targets, c.exclude)})
+        calibration = calibrate(model, batches, layers, progress=progress)
+        independent = factorize_settings(model, calibration, shared)
+    for config in configs:
+        if config.calibration == "independent":
+            yield next(independent)
+            continue
+        work = copy.deepcopy(model)
+        plan = compress(work, batches, config, device=device)
+        yield config, work, plan
 
 
 def build_report(
@@ -66,6 +157,7 @@ def build_report(
     params_after: int,
     calibration: dict[str, Any] | None = None,
     timings: dict[str, float] | None = None,
+    streamed: bool = False,
 ) -> dict[str, Any]:
     """The report.json contents: settings, whole-model parameter counts, and per-group numbers."""
     cfg = plan.config
@@ -73,18 +165,14 @@ def build_report(
     tokens = max((g.calibration_tokens for g in plan.groups), default=0)
     return {
         "lord_export_version": __version__,
-        "method": cfg.method,
-        "rank_reduction": cfg.rank_reduction,
-        "rank_multiple": cfg.rank_multiple,
-        "targets": list(cfg.targets),
-        "exclude": list(cfg.exclude),
-        "grouping": cfg.grouping,
-        "force": cfg.force,
+        **{k: v for k, v in cfg.to_dict().items() if k != "calibration"},
+        "calibration_mode": cfg.calibration,
         "params_before": params_before,
         "params_after": params_after,
         "params_ratio": params_after / params_before if params_before else None,
         "groups_factorized": len(done),
         "groups_left_dense": len(plan.groups) - len(done),
+        "block_by_block": streamed,
         "calibration": {"tokens": tokens, **(calibration or {})},
         "timings": timings or {},
         "warnings": list(plan.warnings),
@@ -98,54 +186,119 @@ def compress_model_dir(
     calib: Sequence[str | Path],
     config: LordConfig,
     *,
-    samples: int = DEFAULT_SAMPLES,
-    seqlen: int | None = None,
-    separator: str | None = None,
-    batch_size: int = 8,
+    data: CalibrationOptions | None = None,
     overwrite: bool = False,
     dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    stats_device: str | torch.device | None = None,
+    max_shard_bytes: int | None = None,
     trust_remote_code: bool = False,
-    progress: bool = False,
+    progress: Callable[[str], None] | None = None,
+    bars: bool = False,
 ) -> dict[str, Any]:
     """Compress a model directory into ``output_dir`` (written atomically); return the report.
 
-    ``seqlen`` defaults to ``DEFAULT_SEQLEN`` or the model's maximum positions, whichever is smaller.
-
-    Everything that can be checked cheaply (paths, output, calibration files) is checked before
-    the model is loaded; the input directory is only read.
+    The model is built on the meta device and its blocks are read from the safetensors checkpoint
+    one at a time (see :mod:`lord_export.engine`), so memory holds one block, its statistics, the
+    calibration activations and the embeddings/head. Everything that can be checked cheaply
+    (paths, output, disk space, calibration files, sequence length, device) is checked before the
+    model is loaded; the input directory is only read.
     """
-    from .hf import check_model_dir, load_dense, load_tokenizer, max_positions
-    from .io import atomic_output_dir, write_into
+    from .checkpoint import DEFAULT_MAX_SHARD_BYTES
+    from .device import resolve_device
+    from .engine import find_streamable_blocks
+    from .hf import check_model_dir, load_dense, load_tokenizer, max_positions, weights_bytes
+    from .io import REPORT_FILE, atomic_output_dir, build_skeleton, write_into, write_json
 
+    say = progress or (lambda msg: None)
+    max_shard_bytes = max_shard_bytes or DEFAULT_MAX_SHARD_BYTES
     model_dir = check_model_dir(model_dir)
     out = Path(output_dir)
     if out.exists() and not overwrite:
-        raise UsageError(f"output {str(output_dir)!r} already exists; pass --overwrite to replace it")
+        raise OutputExistsError(output_dir)
     if out.absolute() == model_dir.absolute():
         raise UsageError("the output directory must differ from the model directory")
-    from .data import text_files
-
+    device = resolve_device(device)
     text_files(calib)  # fail on missing/empty/binary paths before loading anything heavy
-    max_pos = max_positions(model_dir)
-    if seqlen is None:
-        seqlen = min(DEFAULT_SEQLEN, max_pos) if max_pos else DEFAULT_SEQLEN
-    elif max_pos is not None and seqlen > max_pos:
-        raise UsageError(f"calibration sequence length {seqlen} exceeds the model's {max_pos} positions")
+    _check_disk_space(out, weights_bytes(model_dir))
     tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
-    ids, mask = tokenize_blocks(tokenizer, read_documents(calib, separator), samples=samples, seqlen=seqlen)
-    model = load_dense(model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
-    plan = compress(model, batches(ids, mask, batch_size), config, progress=progress)
-    report = plan.report
-    report["source_model"] = str(model_dir)
-    report["calibration"].update(
-        {
-            "paths": [str(p) for p in calib],
-            "samples": int(ids.shape[0]),
-            "seqlen": seqlen,
-            "separator": separator,
-            "tokens_in_blocks": int(mask.sum()),
-        }
-    )
+    calib_set = calibration_set(tokenizer, calib, data or CalibrationOptions(), max_positions=max_positions(model_dir))
+    model = build_skeleton(model_dir, trust_remote_code)
+    blocks, why = find_streamable_blocks(model)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        write_into(tmp, model, plan, source_dir=model_dir, report=report)
+        if blocks is None:
+            model = load_dense(model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
+            plan = compress(model, calib_set.batches(), config, device=device, stats_device=stats_device)
+            write_into(tmp, model, plan, source_dir=model_dir, max_shard_bytes=max_shard_bytes)
+            report = plan.report
+        else:
+            stream = dict(device=device, stats_device=stats_device, progress=say, bars=bars)
+            report = _compress_streamed(
+                model, model_dir, blocks, tmp, calib_set, config, dtype, max_shard_bytes, stream
+            )
+        report["source_model"] = str(model_dir)
+        report["device"] = str(device)
+        report["calibration"].update(calib_set.describe())
+        write_json(tmp / REPORT_FILE, report)
     return report
+
+
+def _compress_streamed(model, model_dir, blocks, tmp, calib_set, config, dtype, max_shard_bytes, stream) -> dict:
+    """The block-by-block path of :func:`compress_model_dir`: weights read and written a block at a time."""
+    from .checkpoint import CheckpointReader, ShardWriter
+    from .engine import CheckpointWeights, Engine
+    from .io import write_config_and_tokenizer, write_plan
+
+    t0 = time.perf_counter()
+    base, params_before = describe_model(model), count_parameters(model)
+    source = CheckpointWeights(CheckpointReader(model_dir), dtype, getattr(model, "base_model_prefix", ""))
+    _load_outside_blocks(model, source, blocks, stream["device"])
+    writer = ShardWriter(tmp, max_shard_bytes)
+    stream["progress"](f"compressing {len(blocks)} blocks of {blocks.path} one at a time on {stream['device']}")
+    engine = Engine(model, config, source=source, writer=writer, **stream)
+    result = engine.run(calib_set.batches(), blocks)
+    tied = engine.write_rest(blocks)
+    writer.close()
+    plan = Plan(config=config, groups=result.groups, warnings=result.warnings, base_model=base)
+    saved = sum(g.dense_params - g.factor_params for g in plan.factorized_groups)
+    write_config_and_tokenizer(tmp, model, model_dir)
+    write_plan(tmp, plan, tied, None)
+    return build_report(
+        plan,
+        params_before=params_before,
+        params_after=params_before - saved,
+        calibration={"batches": result.calibration_batches},
+        timings={"compress_s": round(time.perf_counter() - t0, 3)},
+        streamed=True,
+    )
+
+
+def _load_outside_blocks(model: nn.Module, source: Any, blocks: Any, device: torch.device | str) -> None:
+    """Read every tensor outside the blocks (embeddings, final norm, head) onto ``device``; re-tie."""
+    prefix = blocks.path + "."
+    names = {n: n for n in model.state_dict() if not n.startswith(prefix)}
+    missing = source.load_into(model, names, device)
+    if missing and hasattr(model, "tie_weights"):
+        model.tie_weights()
+    for name, module in model.named_modules():
+        if name == blocks.path or name.startswith(prefix):
+            continue
+        for pname, p in module.named_parameters(recurse=False):
+            if p.is_meta:
+                raise UsageError(f"the checkpoint lacks {name + '.' if name else ''}{pname}")
+        for bname, buf in list(module._buffers.items()):
+            if buf is not None and not buf.is_meta:
+                module._buffers[bname] = buf.to(device)
+
+
+def _check_disk_space(out: Path, needed: int) -> None:
+    """UsageError when the output's file system has less free space than the dense weights take."""
+    parent = out.absolute().parent
+    if not parent.is_dir():
+        raise UsageError(f"the parent directory of output {str(out)!r} does not exist")
+    free = shutil.disk_usage(parent).free
+    if needed > free:
+        raise UsageError(
+            f"the output may need up to {needed / 1e9:.2f} GB (the size of the dense weights) but "
+            f"{parent} has {free / 1e9:.2f} GB free"
+        )

@@ -2,11 +2,49 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .errors import UsageError
 from .factorize import METHODS
+
+CALIBRATION_MODES = ("independent", "sequential", "compensating")
+#: The default calibration mode, chosen from the measurements in benchmarks/RESULTS.md.
+DEFAULT_CALIBRATION = "independent"
+
+
+def check_rank_reduction(value: Any) -> float:
+    """``value`` as a rank reduction: a number in [0, 1) (the fraction of the full rank removed)."""
+    try:
+        r = float(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"rank reduction must be a number in [0, 1), got {value!r}") from None
+    if not 0.0 <= r < 1.0:
+        raise UsageError(f"rank reduction must be in [0, 1), got {value!r}")
+    return r
+
+
+def parse_rank_reductions(text: str) -> list[float]:
+    """Comma-separated rank reductions (``"0.3,0.5"``), each checked by :func:`check_rank_reduction`."""
+    parts = [x.strip() for x in str(text).split(",") if x.strip()]
+    if not parts:
+        raise UsageError(f"expected comma-separated rank reductions, got {text!r}")
+    return [check_rank_reduction(x) for x in parts]
+
+
+def check_known_keys(given: Iterable[str], known: Iterable[str], what: str) -> None:
+    """UsageError naming every key of ``given`` not in ``known``, with the valid names and a close match."""
+    known = sorted(known)
+    unknown = [k for k in given if k not in known]
+    if not unknown:
+        return
+    hints = []
+    for k in unknown:
+        close = difflib.get_close_matches(k, known, n=1)
+        hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    raise UsageError(f"unknown {what} {', '.join(hints)}; valid names: {', '.join(known)}")
 
 
 @dataclass
@@ -40,6 +78,14 @@ class LordConfig:
         default=False,
         metadata={"help": "factorize groups even when that does not reduce parameters (at or above parity)"},
     )
+    calibration: str = field(
+        default=DEFAULT_CALIBRATION,
+        metadata={
+            "help": "independent: every layer fitted on the dense model's activations; sequential: on the "
+            "activations of the model compressed so far; compensating: the dense output fitted from the "
+            "compressed model's activations (see lord_export.engine)"
+        },
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, str):
@@ -48,17 +94,15 @@ class LordConfig:
             self.exclude = (self.exclude,)
         self.targets = tuple(self.targets)
         self.exclude = tuple(self.exclude)
-        try:
-            r = float(self.rank_reduction)
-        except (TypeError, ValueError):
-            raise UsageError(f"rank reduction must be a number in [0, 1), got {self.rank_reduction!r}") from None
-        if not 0.0 <= r < 1.0:
-            raise UsageError(f"rank reduction must be in [0, 1), got {self.rank_reduction!r}")
-        self.rank_reduction = r
+        self.rank_reduction = check_rank_reduction(self.rank_reduction)
         if self.method not in METHODS:
             raise UsageError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if not self.targets:
             raise UsageError("targets must name at least one preset or layer")
+        if self.calibration not in CALIBRATION_MODES:
+            raise UsageError(
+                f"unknown calibration mode {self.calibration!r}; choose one of {', '.join(CALIBRATION_MODES)}"
+            )
         if int(self.rank_multiple) < 1:
             raise UsageError(f"rank multiple must be >= 1, got {self.rank_multiple!r}")
         self.rank_multiple = int(self.rank_multiple)
@@ -71,5 +115,10 @@ class LordConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LordConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        """A config from its JSON form; unknown keys are an error (they are usually typos)."""
+        check_known_keys(d, (f.name for f in fields(cls)), "LordConfig field(s)")
+        return cls(**d)
+
+    def replace(self, **overrides: Any) -> LordConfig:
+        """A copy with ``overrides`` applied and validated; unknown names are an error."""
+        return LordConfig.from_dict({**self.to_dict(), **overrides})

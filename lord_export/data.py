@@ -1,17 +1,24 @@
-"""Calibration text: read files and folders, tokenize, cut into fixed-length blocks.
+"""The one data path for calibration and evaluation: files → documents → tokens → blocks or windows.
 
-Defaults (``DEFAULT_SAMPLES`` blocks of ``DEFAULT_SEQLEN`` tokens): documents are read in sorted
-path order (folders recursively; binary files in folders are skipped), optionally split on a
-separator string, each started with the tokenizer's BOS token when it has one and ended with EOS
-when it has one, concatenated into one stream and cut into consecutive blocks. When the data holds
-fewer than samples × seqlen tokens, the last block is padded and its padding is masked out
-(``attention_mask`` 0), so it never enters the statistics.
+Reading: files and folders (recursively; hidden, empty and binary files in folders are skipped)
+in sorted path order, each file one document, or split into documents on a separator string.
+
+Calibration (:func:`calibration_set`): each document starts with the tokenizer's BOS token and
+ends with EOS when it has them; documents are concatenated into one stream and cut into
+``samples`` consecutive blocks of ``seqlen`` tokens (defaults ``DEFAULT_SAMPLES`` ×
+``DEFAULT_SEQLEN``, the sequence length capped at the model's maximum positions). When the data
+holds fewer tokens, the last block is padded and its padding masked out (``attention_mask`` 0), so
+it never enters the statistics.
+
+Evaluation (:func:`evaluation_windows`): each document is tokenized on its own (BOS first) and cut
+into non-overlapping windows (see :mod:`lord_export.measure.evaluate`).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -122,3 +129,115 @@ def batches(input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: i
         {"input_ids": input_ids[i : i + batch_size], "attention_mask": attention_mask[i : i + batch_size]}
         for i in range(0, input_ids.shape[0], batch_size)
     ]
+
+
+def resolve_seqlen(requested: int | None, max_positions: int | None, default: int = DEFAULT_SEQLEN) -> int:
+    """The sequence length to use: ``requested``, or ``default`` capped at the model's positions.
+
+    Raises UsageError when ``requested`` exceeds ``max_positions``.
+    """
+    if requested is None:
+        return min(default, max_positions) if max_positions else default
+    if max_positions is not None and requested > max_positions:
+        raise UsageError(f"sequence length {requested} exceeds the model's {max_positions} positions")
+    return requested
+
+
+@dataclass(frozen=True)
+class CalibrationOptions:
+    """How calibration text becomes model batches; validated on construction."""
+
+    samples: int = DEFAULT_SAMPLES
+    seqlen: int | None = None  # None: DEFAULT_SEQLEN or the model's maximum positions, whichever is smaller
+    separator: str | None = None
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if int(self.samples) < 1:
+            raise UsageError(f"calibration samples must be >= 1, got {self.samples}")
+        if self.seqlen is not None and int(self.seqlen) < 2:
+            raise UsageError(f"calibration sequence length must be >= 2, got {self.seqlen}")
+        if int(self.batch_size) < 1:
+            raise UsageError(f"batch size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class CalibrationSet:
+    """Tokenized calibration data: (n_blocks, seqlen) ids and mask, and what they came from."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    seqlen: int
+    batch_size: int
+    paths: list[str]
+    separator: str | None
+
+    @property
+    def tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+    def batches(self) -> list[dict[str, torch.Tensor]]:
+        return batches(self.input_ids, self.attention_mask, self.batch_size)
+
+    def describe(self) -> dict:
+        return {
+            "paths": list(self.paths),
+            "samples": int(self.input_ids.shape[0]),
+            "seqlen": self.seqlen,
+            "separator": self.separator,
+            "tokens_in_blocks": self.tokens,
+        }
+
+
+def calibration_set(
+    tokenizer: Any,
+    paths: Sequence[str | Path],
+    options: CalibrationOptions | None = None,
+    *,
+    max_positions: int | None = None,
+    default_seqlen: int = DEFAULT_SEQLEN,
+) -> CalibrationSet:
+    """Read, tokenize and block the calibration data (see the module docstring)."""
+    options = options or CalibrationOptions()
+    seqlen = resolve_seqlen(options.seqlen, max_positions, default_seqlen)
+    docs = read_documents(paths, options.separator)
+    ids, mask = tokenize_blocks(tokenizer, docs, samples=options.samples, seqlen=seqlen)
+    return CalibrationSet(ids, mask, seqlen, options.batch_size, [str(p) for p in paths], options.separator)
+
+
+def document_windows(tokenizer: Any, documents: Iterable[str], window: int) -> list[list[int]]:
+    """Token windows (each of at least 2 tokens) of the documents: each document tokenized on its
+    own with BOS first when the tokenizer has one, cut every ``window`` tokens (no overlap)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    out: list[list[int]] = []
+    for doc in documents:
+        ids = ([bos] if bos is not None else []) + list(tokenizer(doc, add_special_tokens=False)["input_ids"])
+        for i in range(0, len(ids), window):
+            chunk = ids[i : i + window]
+            if len(chunk) >= 2:
+                out.append(chunk)
+    return out
+
+
+def evaluation_windows(
+    tokenizer: Any,
+    paths: Sequence[str | Path],
+    window: int,
+    *,
+    separator: str | None = None,
+    max_positions: int | None = None,
+) -> list[list[int]]:
+    """The evaluation windows of ``paths``; UsageError when the window exceeds the model's positions
+    or the data holds fewer tokens than one window."""
+    if window < 2:
+        raise UsageError(f"the evaluation window must be at least 2 tokens, got {window}")
+    if max_positions is not None and window > max_positions:
+        raise UsageError(f"evaluation window {window} exceeds the model's {max_positions} positions")
+    windows = document_windows(tokenizer, read_documents(paths, separator), window)
+    total = sum(len(w) for w in windows)
+    if total < window:
+        raise UsageError(
+            f"the evaluation data tokenizes to {total} tokens, fewer than one window of {window}; "
+            "pass more data or a smaller window"
+        )
+    return windows

@@ -1,4 +1,8 @@
-"""Exceptions. ``UsageError`` (and subclasses) mean bad input: the CLI exits 2 with one line."""
+"""Exceptions. ``UsageError`` (and subclasses) mean bad input: the CLI exits 2 with one line.
+
+Library messages say what is wrong; the command-line layer adds which flag fixes it (see
+``OutputExistsError`` and ``RemoteCodeError``, which the CLI and the optimum plugin translate).
+"""
 
 
 class LordError(Exception):
@@ -19,3 +23,15 @@ class CalibrationError(LordError):
 
 class PlanError(UsageError):
     """A plan does not fit the model it is applied to."""
+
+
+class OutputExistsError(UsageError):
+    """An output path exists and replacing it was not asked for (``overwrite=True``)."""
+
+    def __init__(self, path: object) -> None:
+        super().__init__(f"output {str(path)!r} already exists")
+        self.path = path
+
+
+class RemoteCodeError(UsageError):
+    """A model needs code from its own directory and ``trust_remote_code`` is off."""

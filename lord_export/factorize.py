@@ -10,6 +10,14 @@ A factorization is W ≈ A B with A (d_out, r) and B (r, d_in).
 * ``svd``: minimizes ‖W − A B‖_F (ignores the activations). A = U_r S_r, B = V_rᵀ.
 * ``asvd``: ASVD-style activation scaling. With s = mean|x|^α per input feature,
   SVD of W diag(s) = U S Vᵀ, then A = U_r S_r, B = V_rᵀ diag(1/s).
+
+Error compensation (calibration on the compressed model, :func:`compensated_weight`): when a
+layer's input on the already-compressed path is X̂ but its target is the dense path's output W X,
+the best rank-r M for min ‖W X − M X̂‖_F is LoRD of the full-rank least-squares solution
+W_eff = W H G⁻¹ (G = X̂X̂ᵀ, H = X X̂ᵀ) under the input covariance G: A, B = lord(W_eff, G, r), because
+‖W X − M X̂‖² = ‖W X − W_eff X̂‖² + ‖(W_eff − M) X̂‖² (the normal equations W_eff G = W H make the
+cross term vanish). W_eff is computed as W + W (H − G) G⁻¹, so it is exactly W when X̂ = X, and the
+whole thing reduces to LoRD. G is damped (G + δ·mean(diag G)·I) where it is singular.
 """
 
 from __future__ import annotations
@@ -61,12 +69,63 @@ def output_spectrum(W: torch.Tensor, C: torch.Tensor) -> tuple[torch.Tensor, tor
     return evals.clamp_min(0), evecs
 
 
-def lord(W: torch.Tensor, C: torch.Tensor, rank: int) -> Factors:
-    """Activation-aware optimal rank-``rank`` factorization of W for inputs with covariance C."""
+def lord(W: torch.Tensor, C: torch.Tensor, rank: int, *, decomposition: tuple | None = None) -> Factors:
+    """Activation-aware optimal rank-``rank`` factorization of W for inputs with covariance C.
+
+    ``decomposition``: the ``output_spectrum(W, C)`` pair when already known (it does not depend
+    on the rank, so sweeps over ranks compute it once).
+    """
     _check(W, rank)
-    evals, U = output_spectrum(W, C)
+    evals, U = decomposition if decomposition is not None else output_spectrum(W, C)
     U_r = U[:, :rank]
     return Factors(A=U_r.contiguous(), B=(U_r.T @ W.double()).contiguous(), spectrum=evals)
+
+
+#: Damping of G = X̂X̂ᵀ in :func:`compensated_weight`, relative to mean(diag G) (GPTQ's default).
+COMPENSATION_DAMPING = 0.01
+
+
+def compensated_weight(
+    W: torch.Tensor, G: torch.Tensor, H: torch.Tensor, damping: float = COMPENSATION_DAMPING
+) -> torch.Tensor:
+    """W_eff = W H G⁻¹ = W + W (H − G) G⁻¹ (module docstring), with G damped; exactly W when H == G."""
+    W, G, H = W.double(), G.double(), H.double()
+    delta = H - G
+    if not delta.any():
+        return W
+    diag = G.diagonal()
+    G_d = G + damping * float(diag.mean().clamp_min(1e-12)) * torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+    L = torch.linalg.cholesky((G_d + G_d.T) / 2)
+    correction = torch.cholesky_solve((W @ delta).T, L).T  # (W Δ) G_d⁻¹ (G_d symmetric)
+    return W + correction
+
+
+def best_output_error(W: torch.Tensor, G: torch.Tensor, H: torch.Tensor, total: float, rank: int) -> float:
+    """min over rank-``rank`` M of ‖W X − M X̂‖² (exact; no damping), from G = X̂X̂ᵀ and H = X X̂ᵀ.
+
+    With the pseudo-inverse G⁺ = Q Λ⁻¹ Qᵀ (eigenvalues above 1e-10·λ_max) and Z = W H Q Λ^{-1/2}, the
+    minimum is ‖W X‖² − Σ_{i≤r} σ_i(Z)²: the least-squares fit W H G⁺ explains ‖Z‖², and the best
+    rank-r M keeps its top r directions (columns of H lie in the range of G, so G⁺ loses nothing).
+    """
+    lam, Q = torch.linalg.eigh((G.double() + G.double().T) / 2)
+    keep = lam > 1e-10 * float(lam.max().clamp_min(1e-300))
+    Z = (W.double() @ (H.double() @ Q[:, keep])) / lam[keep].sqrt()
+    s = torch.linalg.svdvals(Z)
+    return max(total - float(s[:rank].square().sum()), 0.0)
+
+
+def output_error(
+    W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, Cxx: torch.Tensor, H: torch.Tensor, G: torch.Tensor
+) -> tuple[float, float]:
+    """(‖W X − A B X̂‖², ‖W X‖²) from Cxx = X Xᵀ, H = X X̂ᵀ, G = X̂X̂ᵀ, never from X or X̂.
+
+    ‖W X − M X̂‖² = tr(W Cxx Wᵀ) − 2 tr(W H Bᵀ Aᵀ) + tr(AᵀA · B G Bᵀ) with M = A B.
+    """
+    W, A, B = W.double(), A.double(), B.double()
+    total = float(((W @ Cxx.double()) * W).sum())
+    cross = float(((W @ (H.double() @ B.T)) * A).sum())
+    quad = float(((A.T @ A) * (B @ G.double() @ B.T)).sum())
+    return max(total - 2 * cross + quad, 0.0), total
 
 
 def svd(W: torch.Tensor, rank: int, C: torch.Tensor | None = None) -> Factors:

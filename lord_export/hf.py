@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import UsageError
+from .errors import RemoteCodeError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +63,7 @@ def model_class(config: Any, trust_remote_code: bool = False) -> type:
         if cls is not None:
             return cls
     if getattr(config, "auto_map", None) and not trust_remote_code:
-        raise UsageError(
-            "this model needs its own code (auto_map in config.json); pass --trust-remote-code if you trust it"
-        )
+        raise RemoteCodeError("this model needs its own code (auto_map in config.json) and trust_remote_code is off")
     for auto in _AUTO_FALLBACKS:
         try:
             getattr(transformers, auto)._model_mapping[type(config)]
@@ -110,3 +108,22 @@ def load_tokenizer(model_dir: str | Path, *, trust_remote_code: bool = False) ->
         return AutoTokenizer.from_pretrained(path, use_fast=use_fast, trust_remote_code=trust_remote_code)
     except Exception as e:  # transformers raises many types here; the message is what matters
         raise UsageError(f"could not load a tokenizer from {str(model_dir)!r}: {e}") from e
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first materialized parameter (CPU when it has none)."""
+    for p in model.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The tokenizer's padding id, or 0 for tokenizers without one (padding is always masked out)."""
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return pad if pad is not None else 0
+
+
+def weights_bytes(model_dir: str | Path) -> int:
+    """Bytes of the directory's safetensors weights."""
+    return sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))

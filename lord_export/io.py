@@ -21,17 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .apply import apply_plan
-from .errors import PlanError, UsageError
+from .checkpoint import DEFAULT_MAX_SHARD_BYTES, WEIGHTS_FILE, CheckpointReader, ShardWriter  # noqa: F401 (re-export)
+from .errors import OutputExistsError, PlanError, UsageError
 from .plan import Plan
 
 PLAN_FILE = "lord_plan.json"
 REPORT_FILE = "report.json"
-WEIGHTS_FILE = "model.safetensors"
 
 
 @contextmanager
@@ -43,7 +41,7 @@ def atomic_output_dir(path: str | Path, *, overwrite: bool = False) -> Iterator[
     """
     dest = Path(path)
     if dest.exists() and not overwrite:
-        raise UsageError(f"output {str(path)!r} already exists; pass --overwrite to replace it")
+        raise OutputExistsError(path)
     parent = dest.absolute().parent
     if not parent.is_dir():
         raise UsageError(f"the parent directory of output {str(path)!r} does not exist")
@@ -62,12 +60,17 @@ def atomic_output_dir(path: str | Path, *, overwrite: bool = False) -> Iterator[
         raise
 
 
-def unique_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """The state dict with every shared (tied) tensor kept once; returns (tensors, dropped names)."""
+def unique_state_dict(model: nn.Module, *, skip_prefix: str | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The state dict with every shared (tied) tensor kept once; returns (tensors, dropped names).
+
+    ``skip_prefix`` leaves out tensors whose name starts with it (blocks already written).
+    """
     seen: dict[tuple, str] = {}
     out: dict[str, torch.Tensor] = {}
     dropped: list[str] = []
     for name, t in model.state_dict().items():
+        if skip_prefix and name.startswith(skip_prefix):
+            continue
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
         if t.numel() and key in seen:
             dropped.append(name)
@@ -103,8 +106,20 @@ def write_into(
     *,
     source_dir: str | Path | None = None,
     report: dict[str, Any] | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> None:
     """Write the files of a compressed model directory into an existing (empty) ``directory``."""
+    write_config_and_tokenizer(directory, model, source_dir)
+    tensors, tied = unique_state_dict(model)
+    writer = ShardWriter(directory, max_shard_bytes)
+    for name, tensor in tensors.items():
+        writer.add({name: tensor})
+    writer.close()
+    write_plan(directory, plan, tied, report)
+
+
+def write_config_and_tokenizer(directory: Path, model: nn.Module, source_dir: str | Path | None) -> None:
+    """config.json (with the architecture named) and the tokenizer/generation files of ``source_dir``."""
     from .hf import TOKENIZER_FILES
 
     config = getattr(model, "config", None)
@@ -118,8 +133,10 @@ def write_into(
             src = Path(source_dir) / name
             if src.is_file() and not (directory / name).exists():
                 shutil.copyfile(src, directory / name)
-    tensors, tied = unique_state_dict(model)
-    save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt", "lord_export": "1"})
+
+
+def write_plan(directory: Path, plan: Plan, tied: list[str], report: dict[str, Any] | None = None) -> None:
+    """Write ``lord_plan.json`` (with the names of tensors stored tied) and ``report.json``."""
     plan_dict = plan.to_dict()
     plan_dict["tied_parameters"] = tied
     write_json(directory / PLAN_FILE, plan_dict)
@@ -137,10 +154,11 @@ def read_plan(path: str | Path, *, with_tensors: bool = True) -> Plan:
         plan = Plan.from_dict(json.loads(plan_file.read_text()))
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise PlanError(f"{plan_file} is not a valid plan: {e}") from e
-    weights = plan_file.parent / WEIGHTS_FILE
     if with_tensors:
-        if not weights.is_file():
-            raise PlanError(f"{plan_file.parent} has no {WEIGHTS_FILE} holding the plan's factors")
+        try:
+            reader = CheckpointReader(plan_file.parent)
+        except UsageError:
+            raise PlanError(f"{plan_file.parent} has no safetensors weights holding the plan's factors") from None
         wanted = set()
         for g in plan.factorized_groups:
             wanted.add(f"{g.bottleneck_name}.weight")
@@ -148,12 +166,10 @@ def read_plan(path: str | Path, *, with_tensors: bool = True) -> Plan:
                 wanted.add(f"{m.name}.weight")
                 if m.has_bias:
                     wanted.add(f"{m.name}.bias")
-        with safe_open(str(weights), framework="pt") as f:
-            present = set(f.keys())
-            missing = sorted(wanted - present)
-            if missing:
-                raise PlanError(f"{weights} lacks factors {missing[:5]}")
-            plan.tensors = {k: f.get_tensor(k) for k in sorted(wanted)}
+        missing = sorted(wanted - set(reader.keys()))
+        if missing:
+            raise PlanError(f"the weights of {plan_file.parent} lack factors {missing[:5]}")
+        plan.tensors = {k: reader.get(k) for k in sorted(wanted)}
     return plan
 
 
@@ -179,29 +195,32 @@ def load(
     path: str | Path,
     *,
     device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
     model: nn.Module | None = None,
     trust_remote_code: bool = False,
 ) -> nn.Module:
     """Load a LoRD-compressed model directory written by ``lord-export compress`` / :func:`save_compressed`.
 
     The model is built on the meta device from ``config.json``, given the plan's structure, and
-    its weights are assigned from ``model.safetensors`` (tied embeddings stay tied). For a model
-    that is not a transformers model, pass a dense ``model`` of the right architecture: it is
-    restructured and loaded in place.
+    its weights are assigned from ``model.safetensors`` or its shards (tied embeddings stay tied),
+    on ``device`` and, when given, cast to ``dtype``. For a model that is not a transformers model,
+    pass a dense ``model`` of the right architecture: it is restructured and loaded in place.
     """
     p = Path(path)
     plan = read_plan(p, with_tensors=False)
     tied = json.loads((p / PLAN_FILE).read_text()).get("tied_parameters", [])
     if model is None:
-        model = _build_skeleton(p, trust_remote_code)
+        model = build_skeleton(p, trust_remote_code)
     apply_plan(model, plan, load_tensors=False)
-    state = load_file(str(p / WEIGHTS_FILE), device=str(device))
+    state = CheckpointReader(p).load_all(device)
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     result = model.load_state_dict(state, strict=False, assign=True)
     if result.unexpected_keys:
-        raise PlanError(f"{p / WEIGHTS_FILE} holds tensors the model does not have: {result.unexpected_keys[:5]}")
+        raise PlanError(f"the weights of {p} hold tensors the model does not have: {result.unexpected_keys[:5]}")
     untied = [k for k in result.missing_keys if k not in tied]
     if untied:
-        raise PlanError(f"{p / WEIGHTS_FILE} lacks tensors of the model: {untied[:5]}")
+        raise PlanError(f"the weights of {p} lack tensors of the model: {untied[:5]}")
     if tied:
         if not hasattr(model, "tie_weights"):
             raise PlanError(f"tensors {tied[:3]} were stored tied, but the model cannot re-tie them")
@@ -209,10 +228,12 @@ def load(
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftover:
         raise PlanError(f"after loading, tensors are still unset: {leftover[:5]}")
-    return model.to(device).eval()
+    model = model.to(device)
+    return (model.to(dtype) if dtype is not None else model).eval()
 
 
-def _build_skeleton(path: Path, trust_remote_code: bool) -> nn.Module:
+def build_skeleton(path: str | Path, trust_remote_code: bool = False) -> nn.Module:
+    """The model of ``path``'s config.json with every parameter on the meta device (buffers real)."""
     from transformers import AutoConfig
 
     from .hf import check_model_dir, model_class
@@ -224,3 +245,18 @@ def _build_skeleton(path: Path, trust_remote_code: bool) -> nn.Module:
         if cls.__name__.startswith("Auto"):
             return cls.from_config(config, trust_remote_code=trust_remote_code)
         return cls(config)
+
+
+def is_lord_dir(path: str | Path) -> bool:
+    """Whether ``path`` is a LoRD model directory (it holds a plan)."""
+    return (Path(path) / PLAN_FILE).is_file()
+
+
+def load_model_dir(path: str | Path, *, dtype: torch.dtype | None = None, trust_remote_code: bool = False) -> nn.Module:
+    """A LoRD directory through :func:`load`, a dense one through :func:`lord_export.hf.load_dense`."""
+    from .hf import load_dense
+
+    if is_lord_dir(path):
+        model = load(path, trust_remote_code=trust_remote_code)
+        return model.to(dtype) if dtype is not None else model
+    return load_dense(path, dtype=dtype, trust_remote_code=trust_remote_code)

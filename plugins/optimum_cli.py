@@ -23,10 +23,12 @@ LORD_GROUP = "LoRD compression (lord_export)"
 
 
 def add_lord_arguments(parser: argparse.ArgumentParser) -> None:
+    from lord_export.cli.args import positive_int, rank_reduction  # the same checks as lord-export's flags
+
     g = parser.add_argument_group(LORD_GROUP)
     g.add_argument(
         "--lord-rank-reduction",
-        type=float,
+        type=rank_reduction,
         default=None,
         metavar="R",
         help="compress with LoRD before exporting: fraction of each layer group's full rank "
@@ -39,10 +41,12 @@ def add_lord_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="calibration text/code files or folders (tokenized with the model's tokenizer)",
     )
-    g.add_argument("--lord-calib-samples", type=int, default=128, metavar="N", help="calibration blocks (default 128)")
+    g.add_argument(
+        "--lord-calib-samples", type=positive_int, default=128, metavar="N", help="calibration blocks (default 128)"
+    )
     g.add_argument(
         "--lord-calib-seqlen",
-        type=int,
+        type=positive_int,
         default=None,
         metavar="L",
         help="tokens per calibration block (default: 512 or the model's maximum positions)",
@@ -64,7 +68,7 @@ def add_lord_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--lord-rank-multiple",
-        type=int,
+        type=positive_int,
         default=1,
         metavar="M",
         help="round ranks to a multiple of M (e.g. 8 or 64 for tensor cores)",
@@ -122,8 +126,6 @@ def check_args(args: argparse.Namespace) -> None:
                 "(pass an output directory of lord-export compress)"
             )
         return
-    if not 0.0 <= args.lord_rank_reduction < 1.0:
-        fail(f"--lord-rank-reduction must be in [0, 1), got {args.lord_rank_reduction}")
     if not args.lord_calib:
         fail("--lord-rank-reduction needs calibration data: pass --lord-calib PATH [PATH ...]")
     try:
@@ -135,8 +137,8 @@ def check_args(args: argparse.Namespace) -> None:
 def compress_for_export(model: Any, args: argparse.Namespace) -> dict[str, Any]:
     """Compress the model optimum loaded, in place; return the record written to lord_config.json."""
     import lord_export as le
-    from lord_export.data import DEFAULT_SEQLEN, batches, read_documents, tokenize_blocks
-    from lord_export.hf import load_tokenizer, max_positions
+    from lord_export.data import CalibrationOptions, calibration_set
+    from lord_export.hf import load_tokenizer, max_positions, model_device
 
     if args.lord_plan is not None:
         plan = le.read_plan(args.lord_plan)
@@ -144,12 +146,13 @@ def compress_for_export(model: Any, args: argparse.Namespace) -> dict[str, Any]:
         return {"plan": str(args.lord_plan), **plan.to_dict()}
     model_dir = Path(args.model)
     max_pos = max_positions(model_dir) if (model_dir / "config.json").is_file() else None
-    seqlen = args.lord_calib_seqlen or (min(DEFAULT_SEQLEN, max_pos) if max_pos else DEFAULT_SEQLEN)
     tokenizer = load_tokenizer(model_dir, trust_remote_code=bool(getattr(args, "trust_remote_code", False)))
-    docs = read_documents(args.lord_calib, args.lord_calib_separator)
-    ids, mask = tokenize_blocks(tokenizer, docs, samples=args.lord_calib_samples, seqlen=seqlen)
-    device = next(model.parameters()).device
-    data = [{k: v.to(device) for k, v in b.items()} for b in batches(ids, mask, 8)]
+    options = CalibrationOptions(
+        samples=args.lord_calib_samples, seqlen=args.lord_calib_seqlen, separator=args.lord_calib_separator
+    )
+    calib_set = calibration_set(tokenizer, args.lord_calib, options, max_positions=max_pos)
+    device = model_device(model)
+    data = [{k: v.to(device) for k, v in b.items()} for b in calib_set.batches()]
     config = le.LordConfig(
         rank_reduction=args.lord_rank_reduction,
         method=args.lord_method,
@@ -165,7 +168,8 @@ def run_with_lord(command: Any, upstream_run: Any) -> Any:
     """Run optimum's export with the model compressed first; output written atomically."""
     import optimum.exporters.onnx.__main__ as optimum_main
 
-    from lord_export.errors import LordError
+    from lord_export.cli import usage_message
+    from lord_export.errors import LordError, UsageError
 
     args = command.args
     check_args(args)
@@ -178,6 +182,8 @@ def run_with_lord(command: Any, upstream_run: Any) -> Any:
     def export_compressed(model: Any, output: Any, *a: Any, **kw: Any) -> Any:
         try:
             record.update(compress_for_export(model, args))
+        except UsageError as e:
+            fail(usage_message(e))
         except LordError as e:
             fail(str(e))
         return upstream_export(model, output, *a, **kw)

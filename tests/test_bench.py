@@ -12,9 +12,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import lord_export as le
-from lord_export.bench import BACKENDS, check_same_base, forward_flops, parse_backends
+from lord_export.data import CalibrationOptions
 from lord_export.errors import UsageError
+from lord_export.fingerprint import check_same_base
 from lord_export.hf import load_dense
+from lord_export.measure.backends import BACKENDS, parse_backends
+from lord_export.measure.flops import forward_flops
 
 SMALL = ("--tokens", "8", "--decode-context", "8", "--decode-tokens", "2")
 
@@ -27,7 +30,11 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 def lord_dir(tiny_llama_dir, code_corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "lord"
     le.compress_model_dir(
-        tiny_llama_dir, out, [code_corpus], le.LordConfig(rank_reduction=0.5, rank_multiple=1), samples=4, seqlen=32
+        tiny_llama_dir,
+        out,
+        [code_corpus],
+        le.LordConfig(rank_reduction=0.5, rank_multiple=1),
+        data=CalibrationOptions(samples=4, seqlen=32),
     )
     return out
 
@@ -157,4 +164,4 @@ def test_bench_bad_device_and_json_folder_fail_before_work(tiny_llama_dir, lord_
     proc = run_cli("bench", str(tiny_llama_dir), str(lord_dir), "--json", str(tmp_path / "no" / "b.json"))
     assert proc.returncode == 2 and "does not exist" in proc.stderr
     proc = run_cli("bench", str(tiny_llama_dir), str(lord_dir), "--backends", "eager", *SMALL, "--device", "nodevice")
-    assert proc.returncode == 2 and "--device 'nodevice' is not usable" in proc.stderr
+    assert proc.returncode == 2 and "device 'nodevice' is not usable" in proc.stderr

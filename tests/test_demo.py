@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lord_export.data import read_documents, text_files
-from lord_export.evaluate import document_windows, perplexity
+from lord_export.data import document_windows, read_documents, text_files
 from lord_export.hf import load_dense, load_tokenizer
+from lord_export.measure.evaluate import perplexity
 from lord_export.reference import (
     SPLITS,
     reference_model_dir,

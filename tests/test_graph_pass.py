@@ -18,10 +18,10 @@ from torch import fx, nn
 from torch.export import Dim
 
 import lord_export as le
-from lord_export.dynamo import make_backend
+from lord_export.export.dynamo import make_backend
+from lord_export.export.graph import export_lord, rewrite_exported_program, rewrite_graph_module
 from lord_export.modules import LordLinear
 from lord_export.passes import share_bottlenecks
-from lord_export.rewrite import export_lord, rewrite_exported_program, rewrite_graph_module
 from tests.conftest import PlainMLP, correlated_batches, tiny_model
 
 aten = torch.ops.aten

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import lord_export as le
-from lord_export import onnx_export
-from lord_export.evaluate import document_windows, perplexity
-from lord_export.onnx_export import ValidationError, export_onnx, make_session, quantize_int8
-from lord_export.tensorrt_export import (
+from lord_export.data import document_windows
+from lord_export.export import onnx as onnx_export
+from lord_export.export.onnx import ValidationError, export_onnx, make_session, quantize_int8
+from lord_export.export.tensorrt import (
     Profile,
     check_onnx_for_tensorrt,
     check_profile,
@@ -24,6 +24,7 @@ from lord_export.tensorrt_export import (
     require_tensorrt,
     unsupported_ops,
 )
+from lord_export.measure.evaluate import perplexity
 from tests.conftest import STORIES_MODEL, STORIES_TEXT, correlated_batches, needs_shared_data, tiny_model
 
 
@@ -150,7 +151,7 @@ def test_tensorrt_missing_is_a_clear_error(tmp_path):
 
 @pytest.mark.skipif(not _tensorrt_installed(), reason="TensorRT is not installed (needs NVIDIA's libraries and a GPU)")
 def test_tensorrt_engine_builds(tmp_path):
-    from lord_export.tensorrt_export import build_engine
+    from lord_export.export.tensorrt import build_engine
 
     src, _ = lord_dir("llama", tmp_path)
     report = export_onnx(src, tmp_path / "onnx")

@@ -16,8 +16,8 @@ import torch
 
 import lord_export as le
 from lord_export.data import batches, read_documents, tokenize_blocks
+from lord_export.export.onnx import matmul_census
 from lord_export.hf import load_dense, load_tokenizer
-from lord_export.onnx_export import matmul_census
 from tests.conftest import STORIES_MODEL, STORIES_TEXT, make_tokenizer, needs_shared_data, tiny_model
 
 OPTIMUM_CLI = shutil.which("optimum-cli", path=str(Path(sys.executable).parent)) or shutil.which("optimum-cli")
@@ -170,7 +170,8 @@ def test_bad_input_exits_nonzero_and_leaves_nothing(models, code_corpus, tmp_pat
 def test_stories260k_perplexity_through_optimum(tmp_path):
     from optimum.onnxruntime import ORTModelForCausalLM
 
-    from lord_export.evaluate import document_windows, perplexity
+    from lord_export.data import document_windows
+    from lord_export.measure.evaluate import perplexity
 
     docs = [d.strip() for d in STORIES_TEXT.read_text(encoding="utf-8").split("<|endoftext|>") if d.strip()]
     calib = tmp_path / "calib.txt"

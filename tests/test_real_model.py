@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 
 import lord_export as le
-from lord_export.data import batches, tokenize_blocks
-from lord_export.evaluate import document_windows, perplexity
+from lord_export.data import batches, document_windows, tokenize_blocks
 from lord_export.hf import load_dense, load_tokenizer
+from lord_export.measure.evaluate import perplexity
 from tests.conftest import STORIES_MODEL, STORIES_TEXT, needs_shared_data
 
 pytestmark = [needs_shared_data, pytest.mark.slow]

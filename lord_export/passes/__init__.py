@@ -1,4 +1,4 @@
-"""FX graph passes: one pass per file, named for what it does."""
+"""FX graph passes: one pass per file, named for what it does; ``graph_utils`` holds what they share."""
 
 from .factorize_linears import factorize_linears, find_sites
 from .share_bottlenecks import share_bottlenecks

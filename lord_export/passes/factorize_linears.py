@@ -28,12 +28,9 @@ from torch import fx
 
 from ..errors import PlanError
 from ..plan import Group, Plan
+from .graph_utils import ADDMM_TARGETS, LINEAR_TARGETS, aten, copy_provenance, node_position, propagate_fake_value
 
 log = logging.getLogger(__name__)
-
-aten = torch.ops.aten
-LINEAR_TARGETS = (F.linear, aten.linear.default)
-ADDMM_TARGETS = (torch.addmm, aten.addmm.default)
 
 Bind = Callable[[str, torch.Tensor], fx.Node]
 
@@ -123,7 +120,7 @@ def factorize_linears(
     for g in groups:
         before = set(graph.nodes)
         members = [m for m in g.members if m.name in sites]
-        first = min((sites[m.name].node for m in members), key=_position(graph))
+        first = min((sites[m.name].node for m in members), key=node_position(graph))
         site0 = sites[members[0].name]
         x, use_aten = site0.input, site0.aten
         transposed = site0.kind == "addmm"
@@ -131,7 +128,7 @@ def factorize_linears(
         with graph.inserting_before(first):
             b_node = bind(f"{g.bottleneck_name}.weight", B.T.contiguous() if transposed else B)
             h = _gemm(graph, x, b_node, None, transposed, use_aten)
-            _copy_meta(first, h)
+            copy_provenance(first, h)
             if up == "concat" and len(members) > 1:
                 outs = _concat_up(graph, plan, g, members, sites, h, bind, transposed, use_aten)
             else:
@@ -143,10 +140,10 @@ def factorize_linears(
                     outs.append(_gemm(graph, h, a_node, bias, transposed, use_aten))
         for node in graph.nodes:
             if node not in before:
-                _propagate_fake_value(node)
+                propagate_fake_value(node)
         for m, out in zip(members, outs, strict=True):
             old = sites[m.name].node
-            _copy_meta(old, out)
+            copy_provenance(old, out)
             old.replace_all_uses_with(out)
             graph.erase_node(old)
         log.debug("factorized %s (rank %d, %d member(s) in this graph)", g.name, g.rank, len(members))
@@ -187,47 +184,3 @@ def _concat_up(graph, plan, g, members, sites, h, bind, transposed, use_aten):
     else:
         parts = graph.call_function(torch.split, (y, sizes), {"dim": -1})
     return [graph.call_function(operator.getitem, (parts, i)) for i in range(len(members))]
-
-
-def _position(graph: fx.Graph) -> Callable[[fx.Node], int]:
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    return lambda n: order[n]
-
-
-def _propagate_fake_value(node: fx.Node) -> None:
-    """Give a new call_function node the fake value ("val" or "example_value") its inputs have."""
-    if node.op != "call_function":
-        return
-    for key in ("val", "example_value"):
-        inputs = [a for a in node.all_input_nodes]
-        if not inputs or not all(key in a.meta for a in inputs):
-            continue
-        args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda a, k=key: a.meta[k])
-        mode = _fake_mode_of([a.meta[key] for a in inputs])
-        if mode is None:
-            continue
-        with mode:
-            node.meta[key] = node.target(*args, **kwargs)
-
-
-def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
-    """A GraphModule over a copy of ``gm``'s graph (node meta copied), sharing its attributes."""
-    new_graph = fx.Graph()
-    out = new_graph.graph_copy(gm.graph, {})
-    new_graph.output(out)
-    return fx.GraphModule(gm, new_graph)
-
-
-def _fake_mode_of(values: list) -> object | None:
-    """The fake mode the values themselves belong to (not the ambient tracing context's)."""
-    for v in torch.utils._pytree.tree_leaves(values):
-        mode = getattr(v, "fake_mode", None)
-        if mode is not None:
-            return mode
-    return None
-
-
-def _copy_meta(src: fx.Node, dst: fx.Node) -> None:
-    for key in ("nn_module_stack", "stack_trace", "source_fn_stack", "from_node", "seq_nr"):
-        if key in src.meta and key not in dst.meta:
-            dst.meta[key] = src.meta[key]

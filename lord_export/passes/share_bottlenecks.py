@@ -12,7 +12,7 @@ import logging
 
 from torch import fx
 
-from .factorize_linears import LINEAR_TARGETS
+from .graph_utils import LINEAR_TARGETS
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
-"""TensorRT: engines from the LoRD ONNX (TensorRT Python API) and torch-tensorrt from the rewritten
-ExportedProgram.
+"""TensorRT: engines built from the LoRD ONNX with the TensorRT Python API (``lord-export export
+--format tensorrt``); ``lord-export bench --backends tensorrt`` uses torch-tensorrt's compile backend.
 
 TensorRT cannot be installed on machines without its NVIDIA libraries; both ``tensorrt`` and
 ``torch_tensorrt`` are imported lazily and a missing one fails with a message naming the package.
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import LordError, UsageError
+from ..errors import LordError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -145,21 +145,3 @@ def build_engine(
     out = Path(plan_path)
     out.write_bytes(bytes(engine))
     return out
-
-
-def compile_torch_tensorrt(
-    exported_program: Any, example_kwargs: dict, profiles: list[Profile], output: str | Path
-) -> Path:
-    """Compile a (rewritten) ExportedProgram with torch-tensorrt and save it as an exported program."""
-    torch_tensorrt = require_tensorrt("torch_tensorrt")
-    kwarg_inputs = {
-        p.name: torch_tensorrt.Input(
-            min_shape=p.min, opt_shape=p.opt, max_shape=p.max, dtype=example_kwargs[p.name].dtype
-        )
-        for p in profiles
-    }
-    trt_gm = torch_tensorrt.dynamo.compile(
-        exported_program, arg_inputs=(), kwarg_inputs=kwarg_inputs, use_fp32_acc=False
-    )
-    torch_tensorrt.save(trt_gm, str(output), output_format="exported_program", kwarg_inputs=example_kwargs)
-    return Path(output)

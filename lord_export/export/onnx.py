@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import LordError, UsageError
+from ..errors import LordError, OutputExistsError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +156,8 @@ def export_model_onnx(
     require("onnxscript")
     # torch.onnx warns about every torchvision op it cannot register; irrelevant to language models
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
-    from .passes.share_bottlenecks import share_bottlenecks
-    from .rewrite import _export_friendly_masks
+    from ..passes.share_bottlenecks import share_bottlenecks
+    from .graph import export_friendly_masks
 
     if getattr(model.config, "use_cache", False):
         model.config.use_cache = False
@@ -168,7 +168,7 @@ def export_model_onnx(
         k: {0: torch.export.Dim("batch", min=1, max=1024), 1: torch.export.Dim("sequence", min=2, max=_max_pos(model))}
         for k in names
     }
-    with torch.no_grad(), _export_friendly_masks():
+    with torch.no_grad(), export_friendly_masks():
         ep = torch.export.export(model, (), kwargs, dynamic_shapes=dims, strict=False)
     if share_bottlenecks(ep.graph):
         ep.graph_module.recompile()
@@ -295,15 +295,15 @@ def export_onnx(
     ValidationError is raised. ``with_past`` exports a causal LM with KV-cache inputs/outputs in
     optimum's layout (needs the optimum extra).
     """
-    from .hf import TOKENIZER_FILES, check_model_dir, load_dense
-    from .io import PLAN_FILE, atomic_output_dir, load, read_plan
+    from ..hf import TOKENIZER_FILES, check_model_dir, load_dense
+    from ..io import PLAN_FILE, atomic_output_dir, load, read_plan
 
     src = check_model_dir(model_dir)
     if dtype not in TOLERANCE:
         raise UsageError(f"unknown dtype {dtype!r}; choose one of {', '.join(TOLERANCE)}")
     out = Path(output_dir)
     if out.exists() and not overwrite:
-        raise UsageError(f"output {str(output_dir)!r} already exists; pass --overwrite to replace it")
+        raise OutputExistsError(output_dir)
     is_lord = (src / PLAN_FILE).is_file()
     model = load(src) if is_lord else load_dense(src)
     groups = len(read_plan(src, with_tensors=False).factorized_groups) if is_lord else 0
@@ -312,7 +312,7 @@ def export_onnx(
         try:
             if with_past:
                 if dtype != "float32":
-                    raise UsageError("--with-past exports float32 (optimum's layout); drop --dtype")
+                    raise UsageError("the KV-cache (with past) export is float32 only (optimum's layout)")
                 report = export_with_past_optimum(model, tmp, opset=opset, validate=validate)
                 report.factorized_groups = groups
             else:

@@ -10,23 +10,21 @@ reduction with each layer group's parity point marked (Fig. 2).
 
 from __future__ import annotations
 
-import copy
 import csv
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from .apply import apply_plan
-from .calibrate import calibrate
-from .config import LordConfig
+from ..compress import compress_settings
+from ..config import LordConfig
+from ..factorize import parity_rank
+from ..fingerprint import count_parameters
 from .evaluate import perplexity
-from .plan import count_parameters, make_plan
-from .targets import select_targets
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +40,7 @@ class SweepRow:
     nll: float
     tokens: int
     groups_factorized: int
+    calibration: str = "independent"
 
 
 def run_sweep(
@@ -52,63 +51,70 @@ def run_sweep(
     rank_reductions: Sequence[float],
     targets: Sequence[str] = ("all",),
     methods: Sequence[str] = ("lord", "svd"),
+    calibrations: Sequence[str] = ("independent",),
     batch_size: int = 8,
     pad_id: int = 0,
+    device: str | None = None,
     progress: bool = False,
 ) -> tuple[dict[str, Any], list[SweepRow], list[dict[str, Any]]]:
-    """Return (dense baseline, rows, parity points). ``model`` is not modified."""
+    """Return (dense baseline, rows, parity points). ``model`` is not modified.
+
+    Settings are methods × calibration modes × targets × rank reductions; independent settings share
+    one calibration (:func:`lord_export.compress.compress_settings`).
+    """
     dense_params = count_parameters(model)
-    layers_by_target = {t: select_targets(model, (t,)) for t in targets}
-    every = sorted({n for names in layers_by_target.values() for n in names})
-    calibration = calibrate(model, calib_batches, every, progress=progress)
     base = perplexity(model, eval_windows, batch_size=batch_size, pad_id=pad_id)
     baseline = {"params": dense_params, **base.to_dict()}
-    parity = parity_points(model, calibration, every)
-    settings = [(m, t, r) for m in methods for t in targets for r in rank_reductions]
-    it: Any = settings
+    configs = [
+        LordConfig(rank_reduction=r, method=m, targets=(t,), calibration=c)
+        for m in methods
+        for c in calibrations
+        for t in targets
+        for r in rank_reductions
+    ]
+    results = compress_settings(model, calib_batches, configs, device=device, progress=progress)
     if progress:
         from tqdm.auto import tqdm
 
-        it = tqdm(settings, desc="sweep", unit="setting")
-    rows = []
-    for method, target, rr in it:
-        work = copy.deepcopy(model)
-        config = LordConfig(rank_reduction=rr, method=method, targets=(target,))
-        plan = make_plan(work, calibration, layers_by_target[target], config)
-        apply_plan(work, plan)
+        results = tqdm(results, desc="sweep", unit="setting", total=len(configs))
+    rows, shapes = [], {}
+    for config, work, plan in results:
         ppl = perplexity(work, eval_windows, batch_size=batch_size, pad_id=pad_id)
         params = count_parameters(work)
         rows.append(
             SweepRow(
-                method,
-                target,
-                rr,
+                config.method,
+                config.targets[0],
+                config.rank_reduction,
                 params,
                 params / dense_params,
                 ppl.perplexity,
                 ppl.nll,
                 ppl.tokens,
                 len(plan.factorized_groups),
+                config.calibration,
             )
         )
-        log.info("%s %s %.2f: ppl %.4f, params %d", method, target, rr, ppl.perplexity, params)
-    return baseline, rows, parity
+        shapes.update({g.name: (g.d_out, g.d_in) for g in plan.groups})
+        log.info(
+            "%s %s %s %.2f: ppl %.4f",
+            config.method,
+            config.calibration,
+            config.targets[0],
+            config.rank_reduction,
+            ppl.perplexity,
+        )
+    return baseline, rows, parity_points(shapes.values())
 
 
-def parity_points(model: nn.Module, calibration: Any, layers: Sequence[str]) -> list[dict[str, Any]]:
+def parity_points(shapes: Iterable[tuple[int, int]]) -> list[dict[str, Any]]:
     """Per distinct group shape (stacked d_out, d_in): the rank reduction where factors break even."""
-    from .factorize import parity_rank
-    from .plan import build_groups
-    from .targets import find_linears
-
-    infos = find_linears(model)
-    shapes: dict[tuple[int, int], int] = {}
-    for names in build_groups(list(layers), calibration, True):
-        key = (sum(infos[n].d_out for n in names), infos[names[0]].d_in)
-        shapes[key] = shapes.get(key, 0) + 1
+    counts: dict[tuple[int, int], int] = {}
+    for key in shapes:
+        counts[key] = counts.get(key, 0) + 1
     return [
         {"d_out": o, "d_in": i, "groups": n, "parity_rank_reduction": 1 - parity_rank(o, i) / min(o, i)}
-        for (o, i), n in sorted(shapes.items())
+        for (o, i), n in sorted(counts.items())
     ]
 
 
@@ -129,7 +135,8 @@ def write_sweep(out_dir: Path, baseline: dict[str, Any], rows: list[SweepRow], p
 
     lines: dict[tuple[str, str], list[SweepRow]] = {}
     for r in rows:
-        lines.setdefault((r.method, r.targets), []).append(r)
+        label = r.method if r.calibration == "independent" else f"{r.method} {r.calibration}"
+        lines.setdefault((label, r.targets), []).append(r)
     styles = {"lord": "-", "svd": "--", "asvd": ":"}
     for x_key, name, xlabel in (
         ("rank_reduction", "ppl_vs_rank_reduction.png", "rank reduction (fraction of full rank removed)"),
@@ -141,7 +148,7 @@ def write_sweep(out_dir: Path, baseline: dict[str, Any], rows: list[SweepRow], p
             ax.plot(
                 [getattr(p, x_key) for p in pts],
                 [p.perplexity for p in pts],
-                styles.get(method, "-"),
+                styles.get(method.split()[0], "-"),
                 marker="o",
                 label=f"{method} / {target}",
             )

@@ -33,10 +33,11 @@ from typing import Any
 import torch
 from torch import fx
 
-from .errors import UsageError
-from .passes.factorize_linears import _fake_mode_of, copy_graph_module, factorize_linears, find_sites
-from .passes.share_bottlenecks import share_bottlenecks
-from .plan import Plan
+from ..errors import UsageError
+from ..passes.factorize_linears import factorize_linears, find_sites
+from ..passes.graph_utils import copy_graph_module, fake_mode_of
+from ..passes.share_bottlenecks import share_bottlenecks
+from ..plan import Plan
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ def rewrite_dynamo_graph(
     if not sites:
         gm.recompile()
         return gm, extra
-    fake_mode = _fake_mode_of([n.meta["example_value"] for n in placeholders if "example_value" in n.meta])
+    fake_mode = fake_mode_of([n.meta["example_value"] for n in placeholders if "example_value" in n.meta])
 
     def bind(key: str, tensor: torch.Tensor) -> fx.Node:
         name = f"lord_factor_{len(extra)}"
@@ -105,7 +106,7 @@ def _device_of(real: dict) -> torch.device:
 
 
 def _check_real_weight(member, tensor: Any) -> None:
-    from .errors import PlanError
+    from ..errors import PlanError
 
     if not isinstance(tensor, torch.Tensor):
         return
@@ -117,7 +118,7 @@ def _check_real_weight(member, tensor: Any) -> None:
 
 @functools.lru_cache(maxsize=8)
 def _read_plan_cached(path: str) -> Plan:
-    from .io import read_plan
+    from ..io import read_plan
 
     return read_plan(path)
 

@@ -1,4 +1,4 @@
-"""Perplexity of a causal LM on documents.
+"""Perplexity of a causal LM on documents (windows from :func:`lord_export.data.evaluation_windows`).
 
 Windowing: every document is tokenized on its own, started with BOS when the tokenizer has one,
 and cut into non-overlapping windows of at most ``window`` tokens (stride = window); each window
@@ -10,15 +10,15 @@ masked out, so the result does not depend on ``batch_size``.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import UsageError
+from ..errors import UsageError
+from ..hf import model_device
 
 
 @dataclass
@@ -34,19 +34,6 @@ class Perplexity:
         return {"tokens": self.tokens, "nll": self.nll, "perplexity": self.perplexity}
 
 
-def document_windows(tokenizer: Any, documents: Iterable[str], window: int) -> list[list[int]]:
-    """Token windows (each ≥ 2 tokens) of the documents, as described in the module docstring."""
-    bos = getattr(tokenizer, "bos_token_id", None)
-    out: list[list[int]] = []
-    for doc in documents:
-        ids = ([bos] if bos is not None else []) + list(tokenizer(doc, add_special_tokens=False)["input_ids"])
-        for i in range(0, len(ids), window):
-            chunk = ids[i : i + window]
-            if len(chunk) >= 2:
-                out.append(chunk)
-    return out
-
-
 @torch.no_grad()
 def perplexity(
     model: nn.Module, windows: Sequence[Sequence[int]], *, batch_size: int = 8, pad_id: int = 0, progress: bool = False
@@ -55,7 +42,7 @@ def perplexity(
     if not windows:
         raise UsageError("evaluation data has no window of at least 2 tokens")
     model.eval()
-    device = next(model.parameters()).device
+    device = model_device(model)
     order = sorted(range(len(windows)), key=lambda i: -len(windows[i]))  # less padding per batch
     starts = range(0, len(order), batch_size)
     if progress:

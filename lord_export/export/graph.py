@@ -2,7 +2,7 @@
 
 The dense model code stays as it is; the plan's factors enter the graph. Use
 :func:`export_lord` for "dense model + plan → rewritten ExportedProgram", or the two rewrite
-functions on graphs you already have. The torch.compile backend lives in :mod:`lord_export.dynamo`.
+functions on graphs you already have. The torch.compile backend lives in :mod:`lord_export.export.dynamo`.
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ from torch import fx, nn
 from torch.export import ExportedProgram
 from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec, TensorArgument
 
-from .errors import PlanError
-from .passes.factorize_linears import _fake_mode_of, copy_graph_module, factorize_linears, find_sites
-from .passes.share_bottlenecks import share_bottlenecks
-from .plan import Plan
+from ..errors import PlanError
+from ..passes.factorize_linears import factorize_linears, find_sites
+from ..passes.graph_utils import copy_graph_module, fake_mode_of
+from ..passes.share_bottlenecks import share_bottlenecks
+from ..plan import Plan
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ def rewrite_exported_program(ep: ExportedProgram, plan: Plan, *, up: str = "sepa
     sig = ep.graph_signature
     param_of = dict(sig.inputs_to_parameters)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    fake_mode = _fake_mode_of([n.meta["val"] for n in placeholders if "val" in n.meta])
+    fake_mode = fake_mode_of([n.meta["val"] for n in placeholders if "val" in n.meta])
     state_dict = dict(ep.state_dict)
     new_specs: list[InputSpec] = []
 
@@ -197,12 +198,12 @@ def export_lord(
     vmap-based causal mask is swapped for its export-friendly form (see DESIGN.md) so the
     program can be saved with ``torch.export.save``.
     """
-    with _export_friendly_masks():
+    with export_friendly_masks():
         ep = torch.export.export(model, args, kwargs or {}, dynamic_shapes=dynamic_shapes, strict=False)
     return rewrite_exported_program(ep, plan, up=up)
 
 
-class _export_friendly_masks:
+class export_friendly_masks:
     """Use transformers' non-vmap sdpa mask while exporting (the vmap one cannot be serialized)."""
 
     def __enter__(self) -> None:

@@ -1,0 +1,98 @@
+"""``lord-export sweep``: perplexity and size over rank reductions × methods × targets, with plots."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..config import CALIBRATION_MODES, DEFAULT_CALIBRATION
+from ..factorize import METHODS
+from ..targets import PRESETS
+from .args import add_calibration_args, add_device_args, positive_int
+
+
+def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
+    w = sub.add_parser(
+        "sweep",
+        help="perplexity and size over rank reductions × methods × targets, with plots",
+        description="Calibrate MODEL_DIR once on --calib, then for every method × target preset × rank reduction "
+        "factorize a fresh copy, evaluate perplexity on --eval (windowing as in 'eval') and count parameters. "
+        "Writes sweep.csv, sweep.json and PNG plots (perplexity vs rank reduction and vs parameters; parameters "
+        "vs rank reduction with parity points) into --out.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        parents=parents,
+    )
+    w.add_argument("model_dir", metavar="MODEL_DIR", help="a dense model directory")
+    w.add_argument("--eval", nargs="+", required=True, metavar="PATH", dest="eval_data")
+    w.add_argument("--rank-reductions", default="0.1,0.2,0.3,0.4,0.5", help="comma-separated values in [0, 1)")
+    w.add_argument("--targets", nargs="+", default=["all"], choices=list(PRESETS), help="target presets to compare")
+    w.add_argument("--methods", default="lord,svd", help=f"comma-separated, from {', '.join(METHODS)}")
+    w.add_argument(
+        "--calibrations",
+        default=DEFAULT_CALIBRATION,
+        help=f"comma-separated calibration modes to compare, from {', '.join(CALIBRATION_MODES)}",
+    )
+    add_device_args(w)
+    add_calibration_args(w)
+    w.add_argument(
+        "--separator",
+        default=None,
+        metavar="S",
+        help="document separator for --eval files (and --calib, unless --calib-separator is given)",
+    )
+    w.add_argument("--window", type=positive_int, default=512, help="evaluation window (tokens)")
+    w.add_argument("--out", required=True, metavar="DIR", help="output directory (created; files replaced)")
+    w.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..config import parse_rank_reductions
+    from ..data import calibration_set, evaluation_windows
+    from ..device import resolve_device
+    from ..errors import UsageError
+    from ..hf import check_model_dir, load_dense, load_tokenizer, max_positions, pad_token_id
+    from ..measure.sweep import run_sweep, write_sweep
+    from .args import calibration_options
+
+    src = check_model_dir(args.model_dir)
+    rrs = parse_rank_reductions(args.rank_reductions)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise UsageError(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
+    calibrations = [c.strip() for c in args.calibrations.split(",") if c.strip()]
+    bad = [c for c in calibrations if c not in CALIBRATION_MODES]
+    if bad or not calibrations:
+        raise UsageError(f"unknown calibration mode(s) {bad}; choose from {', '.join(CALIBRATION_MODES)}")
+    device = resolve_device(args.device)
+    if args.calib_separator is None:
+        args.calib_separator = args.separator
+    limit = max_positions(src)
+    tokenizer = load_tokenizer(src)
+    calib_set = calibration_set(tokenizer, args.calib, calibration_options(args), max_positions=limit)
+    windows = evaluation_windows(tokenizer, args.eval_data, args.window, separator=args.separator, max_positions=limit)
+    model = load_dense(src).to(device)
+    baseline, rows, parity = run_sweep(
+        model,
+        calib_set.batches(),
+        windows,
+        rank_reductions=rrs,
+        targets=args.targets,
+        methods=methods,
+        calibrations=calibrations,
+        batch_size=args.batch_size,
+        device=device,
+        pad_id=pad_token_id(tokenizer),
+        progress=not args.quiet,
+    )
+    write_sweep(Path(args.out), baseline, rows, parity)
+    print(f"dense: perplexity {baseline['perplexity']:.4f}, {baseline['params']:,} parameters")
+    print(f"{'method':6} {'calibration':12} {'targets':9} {'rr':>5} {'params':>10} {'ratio':>6} {'ppl':>9}")
+    for r in rows:
+        print(
+            f"{r.method:6} {r.calibration:12} {r.targets:9} {r.rank_reduction:5.2f} {r.params:10,d} "
+            f"{r.params_ratio:6.3f} {r.perplexity:9.4f}"
+        )
+    print(f"wrote {args.out}/sweep.csv, sweep.json and 3 plots")
+    return 0

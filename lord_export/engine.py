@@ -1,0 +1,420 @@
+"""The compression engine: calibrate, factorize and swap one block at a time.
+
+Memory is bounded by one block: the model's repeated blocks (:mod:`lord_export.blocks`) are
+processed in order, each loaded onto the compute device (from the model in memory, or read from the
+checkpoint's safetensors shards while the rest of the model stays on the meta device), calibrated,
+factorized, swapped to LoRD modules, run to produce the next block's inputs, written out and freed.
+Statistics exist for one block at a time; calibration activations (one hidden-state tensor per
+batch and stream) are kept between blocks.
+
+Calibration modes (``LordConfig.calibration``), for a linear layer W whose input on the dense model
+is X and on the model compressed so far is X̂:
+
+* ``independent`` — LoRD on the dense model's activations, min ‖W X − A B X‖ (every layer fitted on
+  its own; identical to whole-model calibration). One pass per block.
+* ``sequential`` — LoRD on the compressed model's activations, min ‖W X̂ − A B X̂‖: each layer sees
+  the inputs it will see at inference, including the error of everything compressed before it.
+* ``compensating`` — fit the DENSE output from the compressed input, min ‖W X − A B X̂‖: the closed
+  form of :func:`lord_export.factorize.compensated_weight` (reduces exactly to LoRD when X̂ = X).
+
+The last two run a block in stages, one per distinct layer input in execution order (q|k|v, then o,
+then gate|up, then down for a Llama block): a stage's inputs are captured after the earlier stages
+of the same block were swapped, so even within a block nothing is fitted on activations it will
+not see. Both keep the dense stream too, to report each group's error against the dense output and
+the best error any rank-r factors could reach from those inputs.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .apply import apply_group
+from .blocks import BlockCall, Blocks, capture_block_inputs, find_blocks, mixed_layer_types, run_block
+from .calibrate import Calibrator, InputStats, exact_matmuls, select_tokens, warn_few_tokens
+from .config import LordConfig
+from .errors import CalibrationError
+from .plan import Group
+from .planner import build_groups, describe_group, factorize_group, factorize_group_on_compressed
+from .targets import select_targets
+
+log = logging.getLogger(__name__)
+
+
+class WeightSource:
+    """Where a block's weights come from while it is processed, and where they go afterwards."""
+
+    def materialize(self, module: nn.Module, prefix: str, device: torch.device) -> None:
+        raise NotImplementedError
+
+    def release(self, module: nn.Module) -> None:
+        raise NotImplementedError
+
+
+class InMemoryWeights(WeightSource):
+    """The model is in memory: a block visits the compute device and goes back where it was."""
+
+    def __init__(self) -> None:
+        self._home: dict[int, torch.device] = {}
+
+    def materialize(self, module: nn.Module, prefix: str, device: torch.device) -> None:
+        p = next(module.parameters(), None)
+        self._home[id(module)] = p.device if p is not None else torch.device(device)
+        module.to(device)
+
+    def release(self, module: nn.Module) -> None:
+        module.to(self._home.pop(id(module), "cpu"))
+
+
+class CheckpointWeights(WeightSource):
+    """Blocks read from safetensors one at a time into a model built on the meta device; freed after."""
+
+    def __init__(self, reader: Any, dtype: torch.dtype | None, base_prefix: str = ""):
+        self.reader = reader
+        self.dtype = dtype
+        self.base_prefix = base_prefix
+
+    def checkpoint_name(self, name: str) -> str | None:
+        """The checkpoint's name for the model's tensor ``name`` (with or without the base prefix)."""
+        if name in self.reader:
+            return name
+        p = self.base_prefix + "."
+        if self.base_prefix and name.startswith(p) and name[len(p) :] in self.reader:
+            return name[len(p) :]
+        if self.base_prefix and p + name in self.reader:
+            return p + name
+        return None
+
+    def load_into(self, module: nn.Module, names: dict[str, str], device: torch.device | str) -> list[str]:
+        """Assign ``{local name: model name}`` tensors of ``module``; returns model names not in the checkpoint."""
+        state, missing = {}, []
+        for local, full in names.items():
+            ckpt = self.checkpoint_name(full)
+            if ckpt is None:
+                missing.append(full)
+                continue
+            t = self.reader.get(ckpt)
+            if self.dtype is not None and t.is_floating_point():
+                t = t.to(self.dtype)
+            state[local] = t.to(device)
+        module.load_state_dict(state, strict=False, assign=True)
+        return missing
+
+    def materialize(self, module: nn.Module, prefix: str, device: torch.device) -> None:
+        names = {local: f"{prefix}.{local}" for local in module.state_dict()}
+        missing = self.load_into(module, names, device)
+        if missing:
+            raise CalibrationError(f"the checkpoint lacks tensors of {prefix}: {missing[:5]}")
+        module.to(device)  # non-persistent buffers (rotary tables) follow the weights
+
+    def release(self, module: nn.Module) -> None:
+        module.to("meta")
+
+
+@dataclass
+class EngineResult:
+    """What the engine produced: the plan's groups, its factor tensors (unless streamed to disk)."""
+
+    groups: list[Group]
+    tensors: dict[str, torch.Tensor]
+    warnings: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    blocks: int = 0
+    streamed: bool = True
+    calibration_batches: int = 0
+
+
+class _Stop(Exception):
+    """Stops a block's forward once the input of the layer being calibrated was captured."""
+
+
+def capture_input(block: nn.Module, layer: nn.Module, hidden: torch.Tensor, call: BlockCall) -> torch.Tensor:
+    """The (tokens, d) rows entering ``layer`` when ``block`` runs on ``hidden`` (padding removed).
+
+    The block's forward is stopped right there: later layers of the block are not computed.
+    """
+    box: dict[str, torch.Tensor] = {}
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        box["x"] = args[0]
+        raise _Stop
+
+    handle = layer.register_forward_pre_hook(hook)
+    try:
+        run_block(block, hidden, call)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if "x" not in box:
+        raise CalibrationError("the block never reached the layer being calibrated")
+    rows = select_tokens(box["x"], call.mask)
+    return rows if rows is not None else box["x"].detach().reshape(-1, box["x"].shape[-1])
+
+
+class Engine:
+    """Compress ``model`` block by block (see the module docstring); one instance per run."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: LordConfig,
+        *,
+        device: torch.device | str,
+        source: WeightSource | None = None,
+        stats_device: torch.device | str | None = None,
+        writer: Any = None,
+        progress: Callable[[str], None] | None = None,
+        bars: bool = False,
+    ):
+        self.model = model
+        self.config = config
+        self.device = torch.device(device)
+        self.source = source or InMemoryWeights()
+        self.stats_device = torch.device(stats_device) if stats_device is not None else self.device
+        self.writer = writer
+        self.say = progress or (lambda msg: None)
+        self.bars = bars
+        self.groups: list[Group] = []
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.warnings: list[str] = []
+        self.batches = 0
+
+    # -- the run ------------------------------------------------------------------------------
+    def run(self, batches: Sequence[dict[str, torch.Tensor]], blocks: Blocks) -> EngineResult:
+        """Compress every block of ``blocks`` (and targeted layers outside them) on ``batches``."""
+        t0 = time.perf_counter()
+        layers = select_targets(self.model, self.config.targets, self.config.exclude)
+        inside = {i: [n for n in layers if n.startswith(blocks.name(i) + ".")] for i in range(len(blocks))}
+        outside = [n for n in layers if not any(n in names for names in inside.values())]
+        with torch.no_grad(), exact_matmuls():
+            self.say(f"capturing the inputs of {blocks.path}.0 for {len(batches)} batch(es)")
+            hiddens, calls = capture_block_inputs(self.model, blocks.modules[0], batches, self._embed_device())
+            calls = [self._on_device(c) for c in calls]
+            dense = [self._park(h) for h in hiddens]
+            comp = list(dense)
+            self.batches = len(calls)
+            template = None
+            it: Any = range(len(blocks))
+            if self.bars:
+                from tqdm.auto import tqdm
+
+                it = tqdm(it, desc="compress", unit="block")
+            for i in it:
+                block = blocks.modules[i]
+                self.source.materialize(block, blocks.name(i), self.device)
+                prefix = blocks.name(i)
+                local = [n[len(prefix) + 1 :] for n in inside[i]]
+                if self.config.calibration == "independent":
+                    groups, tensors = self._independent_block(block, local, dense, calls)
+                else:
+                    groups, tensors = self._staged_block(block, local, dense, comp, calls)
+                if i == 0 and outside:
+                    template = _output_structure(block, self._load(dense[0]), calls[0])
+                self._record(groups, tensors, prefix, block)
+                self.source.release(block)
+                self.say(f"block {i + 1}/{len(blocks)}: {sum(g.factorized for g in groups)} group(s) factorized")
+            final = dense if self.config.calibration == "independent" else comp
+            if outside:
+                self._outside_layers(outside, blocks, final, calls, batches, template)
+        timings = {"compress_s": round(time.perf_counter() - t0, 3)}
+        return EngineResult(self.groups, self.tensors, self.warnings, timings, len(blocks), True, self.batches)
+
+    # -- one block ----------------------------------------------------------------------------
+    def _independent_block(self, block, local, dense, calls) -> tuple[list[Group], dict]:
+        """Statistics from the dense stream (one pass that also advances it), then factors."""
+        with Calibrator(block, local, batch_hooks=False, stats_device=self.stats_device) as cal:
+            for b, call in enumerate(calls):
+                cal.begin_batch(call.mask)
+                dense[b] = self._park(run_block(block, self._load(dense[b]), call))
+                cal.end_batch()
+        if not local:
+            return [], {}
+        calibration = cal.result()
+        warn_few_tokens(calibration)
+        self.warnings.extend(w for w in calibration.warnings if w not in self.warnings)
+        modules = dict(block.named_modules())
+        groups, tensors = [], {}
+        for names in build_groups(local, calibration.input_of, self.config.grouping):
+            stats = calibration.of(names[0])
+            group = describe_group(modules, names, self.config, tokens=stats.tokens)
+            if group.factorized:
+                group_tensors = factorize_group(modules, group, stats, self.config.method)
+                apply_group(block, group, group_tensors)
+                tensors.update(group_tensors)
+            groups.append(group)
+        return groups, tensors
+
+    def _staged_block(self, block, local, dense, comp, calls) -> tuple[list[Group], dict]:
+        """Sequential/compensating: stage by stage on the compressed stream, the dense block beside it."""
+        dense_block = copy.deepcopy(block)
+        groups, tensors = [], {}
+        if local:
+            with Calibrator(block, local, batch_hooks=False, stats_device=self.stats_device) as cal:
+                cal.begin_batch(calls[0].mask)  # one batch finds which layers share an input, and the order
+                run_block(block, self._load(comp[0]), calls[0])
+                cal.end_batch()
+            input_of, order = dict(cal.input_of), list(cal.order)
+            modules = dict(dense_block.named_modules())
+            stage_groups = build_groups(local, input_of, self.config.grouping)
+            for key in order:
+                for names in [g for g in stage_groups if input_of[g[0]] == key]:
+                    group, group_tensors = self._staged_group(
+                        block, dense_block, modules, names, key, dense, comp, calls
+                    )
+                    groups.append(group)
+                    tensors.update(group_tensors)
+        for b, call in enumerate(calls):
+            dense[b] = self._park(run_block(dense_block, self._load(dense[b]), call))
+            comp[b] = self._park(run_block(block, self._load(comp[b]), call))
+        del dense_block
+        return groups, tensors
+
+    def _staged_group(self, block, dense_block, modules, names, key, dense, comp, calls):
+        G = Cxx = H = None
+        tokens = 0
+        group = describe_group(modules, names, self.config)
+        if not group.factorized:
+            return group, {}
+        for b, call in enumerate(calls):
+            x_hat = capture_input(block, block.get_submodule(key), self._load(comp[b]), call)
+            x = capture_input(dense_block, dense_block.get_submodule(key), self._load(dense[b]), call)
+            d_in = x.shape[-1]
+            if G is None:
+                G, Cxx = InputStats.zeros(d_in, self.stats_device), InputStats.zeros(d_in, self.stats_device)
+                H = torch.zeros(d_in, d_in, dtype=torch.float64, device=self.stats_device)
+            G.add(x_hat, name=key)
+            Cxx.add(x, name=key)
+            H += (x.to(self.stats_device, torch.float32).T @ x_hat.to(self.stats_device, torch.float32)).double()
+            tokens += x.shape[0]
+        group.calibration_tokens = tokens
+        compensate = self.config.calibration == "compensating"
+        group_tensors = factorize_group_on_compressed(
+            modules, group, G, Cxx, H, self.config.method, compensate=compensate
+        )
+        apply_group(block, group, group_tensors)
+        return group, group_tensors
+
+    # -- layers outside the blocks (e.g. BERT's pooler) -----------------------------------------
+    def _outside_layers(self, outside, blocks, final, calls, batches, template) -> None:
+        """Calibrate targets outside the blocks with the blocks replaced by a replay of their output."""
+        replay = _Replay(final, template, self._load)
+        saved = list(blocks.modules)
+        for i in range(len(blocks)):
+            blocks.modules[i] = replay if i == 0 else _PassThrough(template)
+        try:
+            with Calibrator(self.model, outside, stats_device=self.stats_device) as cal:
+                for b, batch in enumerate(batches):
+                    replay.batch = b
+                    self.model(**{k: v.to(self._embed_device()) for k, v in batch.items()}, **_no_cache(self.model))
+        finally:
+            for i, m in enumerate(saved):
+                blocks.modules[i] = m
+        calibration = cal.result()
+        modules = dict(self.model.named_modules())
+        groups, tensors = [], {}
+        for names in build_groups(outside, calibration.input_of, self.config.grouping):
+            stats = calibration.of(names[0])
+            group = describe_group(modules, names, self.config, tokens=stats.tokens)
+            if group.factorized:
+                group_tensors = factorize_group(modules, group, stats, self.config.method)
+                apply_group(self.model, group, group_tensors)
+                tensors.update(group_tensors)
+            groups.append(group)
+        self.groups.extend(groups)
+        self.tensors.update(tensors)
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _record(self, groups: list[Group], tensors: dict, prefix: str, block: nn.Module) -> None:
+        self.groups.extend(g.renamed(prefix) for g in groups)
+        full = {f"{prefix}.{k}": v for k, v in tensors.items()}
+        if self.writer is not None:
+            self.writer.add({f"{prefix}.{k}": v for k, v in block.state_dict().items()})
+        else:
+            self.tensors.update(full)
+
+    def _embed_device(self) -> torch.device:
+        from .hf import model_device
+
+        return model_device(self.model)
+
+    def _on_device(self, call: BlockCall) -> BlockCall:
+        def move(v: Any) -> Any:
+            if isinstance(v, torch.Tensor):
+                return v.to(self.device)
+            if isinstance(v, tuple):
+                return tuple(move(x) for x in v)
+            return v
+
+        return BlockCall(move(call.args), {k: move(v) for k, v in call.kwargs.items()}, call.mask)
+
+    def _park(self, h: torch.Tensor) -> torch.Tensor:
+        """Where activations wait between blocks: the CPU when computing on an accelerator."""
+        return h.detach().to("cpu") if self.device.type != "cpu" else h.detach()
+
+    def _load(self, h: torch.Tensor) -> torch.Tensor:
+        return h.to(self.device)
+
+    def write_rest(self, blocks: Blocks) -> list[str]:
+        """Write every tensor outside the blocks (tied ones once); returns the names stored tied."""
+        from .io import unique_state_dict
+
+        tensors, tied = unique_state_dict(self.model, skip_prefix=blocks.path + ".")
+        for name, tensor in tensors.items():
+            self.writer.add({name: tensor})
+        return tied
+
+
+def _output_structure(block: nn.Module, hidden: torch.Tensor, call: BlockCall) -> int | None:
+    """What a block returns: None for a tensor, else the length of its tuple."""
+    out = block(hidden, *call.args, **call.kwargs)
+    return len(out) if isinstance(out, (tuple, list)) else None
+
+
+def _no_cache(model: nn.Module) -> dict:
+    from .blocks import _accepts
+
+    return {"use_cache": False} if _accepts(model.forward, "use_cache") else {}
+
+
+class _Replay(nn.Module):
+    """Stands in for block 0: returns the stored final hidden states of the current batch."""
+
+    def __init__(self, outputs: list[torch.Tensor], template: Any, load: Callable) -> None:
+        super().__init__()
+        self.outputs, self.template, self.load, self.batch = outputs, template, load, 0
+
+    def forward(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return _shaped(self.load(self.outputs[self.batch]).to(hidden.device), self.template)
+
+
+class _PassThrough(nn.Module):
+    """Stands in for blocks 1…L−1 during the replay: returns its input unchanged."""
+
+    def __init__(self, template: Any) -> None:
+        super().__init__()
+        self.template = template
+
+    def forward(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return _shaped(hidden, self.template)
+
+
+def _shaped(hidden: torch.Tensor, template: Any) -> Any:
+    return hidden if template is None else (hidden,) + (None,) * (template - 1)
+
+
+def find_streamable_blocks(model: nn.Module) -> tuple[Blocks | None, str | None]:
+    """The model's blocks, or None with the reason the engine cannot stream this model."""
+    blocks = find_blocks(model)
+    if blocks is None:
+        return None, "no repeated blocks (an nn.ModuleList of one module class) were found"
+    if mixed_layer_types(model):
+        return None, "its layers use different attention kinds (config.layer_types), each with its own mask"
+    return blocks, None

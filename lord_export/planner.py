@@ -1,0 +1,210 @@
+"""The planner: from a dense model and its calibration statistics to a :class:`~lord_export.plan.Plan`.
+
+Three steps per group of layers that read the same input:
+
+1. :func:`build_groups` partitions the targeted layers (shared input + same parent module);
+2. :func:`describe_group` fixes the structure: members, stacked shape, rank from the config, and
+   whether factorizing saves parameters (parity) — no tensor math yet;
+3. :func:`factorize_group` computes the factors in closed form (:mod:`lord_export.factorize`)
+   from the group's input statistics and fills in its error against the closed-form bound.
+
+:func:`make_plan` runs the three over a whole model.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import factorize as fz
+from .calibrate import Calibration, InputStats
+from .config import LordConfig
+from .errors import PlanError
+from .fingerprint import describe_model
+from .plan import Group, Member, Plan
+from .targets import dense_weight, find_linears, linear_info
+
+log = logging.getLogger(__name__)
+
+
+def parent_of(name: str) -> str:
+    """The qualified name of the module that holds layer ``name`` ('' for a top-level layer)."""
+    return name.rsplit(".", 1)[0] if "." in name else ""
+
+
+def build_groups(layers: list[str], input_of: Mapping[str, str], grouping: bool) -> list[list[str]]:
+    """Partition ``layers`` into groups that read the same tensor and live under the same parent.
+
+    ``input_of`` maps each layer to the key of the input it read (from the calibration hooks, not
+    guessed from names); requiring a common parent keeps, e.g., cross-attention k/v projections of
+    different decoder layers (which all read the encoder output) in separate groups.
+    """
+    if not grouping:
+        return [[n] for n in layers]
+    groups: dict[tuple[str, str], list[str]] = {}
+    for n in layers:
+        groups.setdefault((input_of[n], parent_of(n)), []).append(n)
+    return list(groups.values())
+
+
+def describe_group(modules: Mapping[str, nn.Module], names: list[str], config: LordConfig, tokens: int = 0) -> Group:
+    """The group of layers ``names`` with its rank from ``config`` and its parity decision."""
+    infos = [linear_info(n, modules[n]) for n in names]
+    d_in = infos[0].d_in
+    members, row = [], 0
+    for info in infos:
+        members.append(Member(info.name, info.d_in, info.d_out, info.transposed, info.has_bias, row, row + info.d_out))
+        row += info.d_out
+    d_out = row
+    rank = fz.rank_for(d_out, d_in, config.rank_reduction, config.rank_multiple)
+    parity = fz.parity_rank(d_out, d_in)
+    group = Group(
+        parent=parent_of(names[0]),
+        members=members,
+        d_in=d_in,
+        d_out=d_out,
+        rank=rank,
+        full_rank=fz.full_rank(d_out, d_in),
+        parity_rank=parity,
+        factorized=True,
+        calibration_tokens=tokens,
+    )
+    if rank * (d_in + d_out) >= d_in * d_out and not config.force:
+        group.factorized = False
+        group.reason = (
+            f"rank {rank} is not below the parity rank {parity:.1f}: factors would hold "
+            f"{rank * (d_in + d_out)} parameters vs {d_in * d_out} dense (raise the rank reduction or use force)"
+        )
+        log.info("%s left dense: %s", group.name, group.reason)
+    return group
+
+
+def stacked_weight(modules: Mapping[str, nn.Module], group: Group) -> torch.Tensor:
+    """The members' weights stacked row-wise in (d_out, d_in) orientation, float64."""
+    return torch.cat([dense_weight(modules[m.name]).double() for m in group.members], dim=0)
+
+
+def factorize_group(
+    modules: Mapping[str, nn.Module], group: Group, stats: InputStats, method: str, cache: dict | None = None
+) -> dict[str, torch.Tensor]:
+    """Factor tensors of ``group`` (state-dict names → tensors in the layers' dtype); fills its errors.
+
+    ``cache`` (any dict, shared across calls) keeps each group's rank-independent decomposition,
+    so factorizing the same statistics at several ranks decomposes once.
+    """
+    weight = modules[group.members[0].name].weight
+    W = stacked_weight(modules, group)
+    C = stats.C.to(W.device)
+    if method == "lord":
+        key = (group.name, "lord")
+        if cache is not None and key not in cache:
+            cache[key] = fz.output_spectrum(W, C)
+        f = fz.lord(W, C, group.rank, decomposition=cache.get(key) if cache is not None else None)
+    elif method == "svd":
+        f = fz.svd(W, group.rank, C)
+    else:
+        f = fz.asvd(W, stats.mean_abs.to(W.device), group.rank, C)
+    A = f.A.to(weight.dtype)
+    B = f.B.to(weight.dtype)
+    group.relative_error = fz.relative_error(W, A, B, C, total=float(f.spectrum.sum()))
+    group.optimal_relative_error = fz.optimal_relative_error(f.spectrum, group.rank)
+    return group_tensors(modules, group, A, B)
+
+
+def factorize_group_on_compressed(
+    modules: Mapping[str, nn.Module],
+    group: Group,
+    G: InputStats,
+    Cxx: InputStats,
+    H: torch.Tensor,
+    method: str,
+    *,
+    compensate: bool,
+) -> dict[str, torch.Tensor]:
+    """Factors of ``group`` when its input on the compressed path (X̂) differs from the dense path's (X).
+
+    ``G`` holds X̂X̂ᵀ (and Σ|x̂| for ASVD), ``Cxx`` holds X Xᵀ, ``H`` = X X̂ᵀ. ``compensate=False``
+    ("sequential") fits W on X̂ (LoRD with C = G); ``compensate=True`` fits the dense output W X
+    from X̂ (LoRD of W_eff = W H G⁻¹ under G, :func:`lord_export.factorize.compensated_weight`).
+    Fills ``relative_error``/``optimal_relative_error`` (the objective of the mode) and
+    ``dense_output_error``/``dense_output_bound`` (‖W X − A B X̂‖ / ‖W X‖, and its minimum over
+    rank-r factors, exact: :func:`lord_export.factorize.best_output_error`).
+    """
+    weight = modules[group.members[0].name].weight
+    W = stacked_weight(modules, group)
+    device = W.device
+    Gm, Cm, Hm = G.C.to(device), Cxx.C.to(device), H.to(device)
+    W_eff = fz.compensated_weight(W, Gm, Hm)
+    target = W_eff if compensate else W
+    if method == "lord":
+        f = fz.lord(target, Gm, group.rank)
+    elif method == "svd":
+        f = fz.svd(target, group.rank, Gm)
+    else:
+        f = fz.asvd(target, G.mean_abs.to(device), group.rank, Gm)
+    A = f.A.to(weight.dtype)
+    B = f.B.to(weight.dtype)
+    err, total = fz.output_error(W, A, B, Cm, Hm, Gm)
+    best = fz.best_output_error(W, Gm, Hm, total, group.rank)
+    group.dense_output_error = math.sqrt(err / total) if total > 0 else 0.0
+    group.dense_output_bound = math.sqrt(best / total) if total > 0 else 0.0
+    if compensate:
+        group.relative_error, group.optimal_relative_error = group.dense_output_error, group.dense_output_bound
+    else:
+        group.relative_error = fz.relative_error(W, A, B, Gm, total=float(f.spectrum.sum()))
+        group.optimal_relative_error = fz.optimal_relative_error(f.spectrum, group.rank)
+    return group_tensors(modules, group, A, B)
+
+
+def group_tensors(
+    modules: Mapping[str, nn.Module], group: Group, A: torch.Tensor, B: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """State-dict entries of a factorized group: its bottleneck B, each member's rows of A and bias."""
+    tensors = {f"{group.bottleneck_name}.weight": B.contiguous()}
+    for m in group.members:
+        tensors[f"{m.name}.weight"] = A[m.row_start : m.row_end].contiguous()
+        bias = getattr(modules[m.name], "bias", None)
+        if bias is not None:
+            tensors[f"{m.name}.bias"] = bias.detach().clone()
+    return tensors
+
+
+def make_plan(
+    model: nn.Module,
+    calibration: Calibration,
+    layers: list[str],
+    config: LordConfig,
+    *,
+    progress: bool = False,
+    cache: dict | None = None,
+) -> Plan:
+    """Factorize every group of ``layers`` with ``config.method`` and return the plan with factors.
+
+    ``cache``: see :func:`factorize_group` (for several plans from one calibration).
+    """
+    modules = dict(model.named_modules())
+    linears = find_linears(model)
+    unknown = [n for n in layers if n not in linears]
+    if unknown:
+        raise PlanError(f"layers {unknown[:5]} are not linear layers of this model")
+    member_groups = build_groups(layers, calibration.input_of, config.grouping)
+    it: Any = member_groups
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(member_groups, desc="factorize", unit="group")
+    groups: list[Group] = []
+    tensors: dict[str, torch.Tensor] = {}
+    for names in it:
+        stats = calibration.of(names[0])
+        group = describe_group(modules, names, config, tokens=stats.tokens)
+        if group.factorized:
+            tensors.update(factorize_group(modules, group, stats, config.method, cache))
+        groups.append(group)
+    warnings = list(calibration.warnings)
+    return Plan(config=config, groups=groups, warnings=warnings, base_model=describe_model(model), tensors=tensors)
