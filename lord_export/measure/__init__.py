@@ -1,0 +1,1 @@
+"""Measurement stage: evaluation, timing, benchmarks."""
