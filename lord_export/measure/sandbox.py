@@ -168,11 +168,12 @@ def _mapped_ids(map_file: str) -> list[tuple[int, int]]:
 def throwaway_id() -> int:
     """A random uid (also used as gid) that no account uses, mapped in this namespace; 65534 if none."""
     lo, hi = 1_000_000, 2**31 - 2
-    ranges = [
-        (max(a, lo), min(b, hi))
-        for (a, b) in _mapped_ids("/proc/self/uid_map")
-        if min(b, hi) > max(a, lo) and any(c <= max(a, lo) and min(b, hi) <= d for c, d in _mapped_ids("/proc/self/gid_map"))
-    ]
+    gids = _mapped_ids("/proc/self/gid_map")
+    ranges = []
+    for a, b in _mapped_ids("/proc/self/uid_map"):
+        a, b = max(a, lo), min(b, hi)
+        if b > a and any(c <= a and b <= d for c, d in gids):
+            ranges.append((a, b))
     if not ranges:
         return 65534
     start, end = random.choice(ranges)
