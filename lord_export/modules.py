@@ -9,6 +9,9 @@ cannot reason about it); the graph pass deduplicates the repeated bottleneck the
 ``out_features`` so code that inspects Linear layers still works, and holds its bottleneck as a
 plain attribute (the bottleneck is registered once, under the group's parent module), so every
 tensor appears once in ``state_dict``. Both classes live at module top level so models pickle.
+
+PEFT: importing this module installs a hook (no peft import) so that ``peft`` LoRA configs wrap
+``LordLinear`` layers with :class:`lord_export.peft_support.LordLoraLinear`; see that module.
 """
 
 from __future__ import annotations
@@ -79,10 +82,23 @@ class LordLinear(nn.Module):
         self.__dict__["bottleneck"] = bottleneck  # not a submodule: registered once, under the parent
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.bottleneck.shared(x), self.weight, self.bias)
+        return self.project(self.bottleneck.shared(x))
+
+    def project(self, h: torch.Tensor) -> torch.Tensor:
+        """The up-projection alone: h (…, rank) → (…, out_features). Adapters add to it on the same h."""
+        return F.linear(h, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, rank={self.rank}, out_features={self.out_features}, "
             f"bias={self.bias is not None}"
         )
+
+
+def _install_peft_hook() -> None:
+    from ._peft_hook import install
+
+    install()
+
+
+_install_peft_hook()
