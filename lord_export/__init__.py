@@ -18,10 +18,15 @@ from .calibrate import Calibration, calibrate  # noqa: E402
 from .compress import compress, compress_model_dir  # noqa: E402
 from .config import LordConfig  # noqa: E402
 from .errors import CalibrationError, LordError, PlanError, TargetError, UsageError  # noqa: E402
+from .hf_quantizer import install_import_hook as _install_hf_hook  # noqa: E402
 from .io import load, read_plan, save_compressed  # noqa: E402
 from .modules import LordBottleneck, LordLinear  # noqa: E402
 from .plan import Group, Member, Plan, make_plan  # noqa: E402
 from .targets import PRESETS, select_targets  # noqa: E402
+
+# [hf-quantizer] transformers' from_pretrained loads LoRD directories: registers the "lord" quantizer
+# when transformers imports its quantizer registry (this does not import transformers)
+_install_hf_hook()
 
 __all__ = [
     "__version__",

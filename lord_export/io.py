@@ -27,6 +27,7 @@ from torch import nn
 
 from .apply import apply_plan
 from .errors import PlanError, UsageError
+from .hf_quantizer import plan_from_model_dir, quantization_config_from_plan
 from .plan import Plan
 
 PLAN_FILE = "lord_plan.json"
@@ -109,9 +110,11 @@ def write_into(
 
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "save_pretrained"):
+        config = copy.copy(config)
         if not getattr(config, "architectures", None):
-            config = copy.copy(config)
             config.architectures = [type(model).__name__]
+        # [hf-quantizer] the plan's structure, so that transformers' from_pretrained can load this directory
+        config.quantization_config = quantization_config_from_plan(plan)
         config.save_pretrained(directory)
     if source_dir is not None:
         for name in TOKENIZER_FILES:
@@ -190,8 +193,11 @@ def load(
     restructured and loaded in place.
     """
     p = Path(path)
-    plan = read_plan(p, with_tensors=False)
-    tied = json.loads((p / PLAN_FILE).read_text()).get("tied_parameters", [])
+    tied: list[str] | None = None  # None: unknown (written by save_pretrained), re-tie and check what is left
+    plan = plan_from_model_dir(p) if not (p / PLAN_FILE).is_file() else None  # [hf-quantizer]
+    if plan is None:
+        plan = read_plan(p, with_tensors=False)
+        tied = json.loads((p / PLAN_FILE).read_text()).get("tied_parameters", [])
     if model is None:
         model = _build_skeleton(p, trust_remote_code)
     apply_plan(model, plan, load_tensors=False)
@@ -199,10 +205,11 @@ def load(
     result = model.load_state_dict(state, strict=False, assign=True)
     if result.unexpected_keys:
         raise PlanError(f"{p / WEIGHTS_FILE} holds tensors the model does not have: {result.unexpected_keys[:5]}")
-    untied = [k for k in result.missing_keys if k not in tied]
+    untied = [k for k in result.missing_keys if tied is not None and k not in tied]
     if untied:
         raise PlanError(f"{p / WEIGHTS_FILE} lacks tensors of the model: {untied[:5]}")
-    if tied:
+    if tied or (tied is None and result.missing_keys):
+        tied = tied or result.missing_keys
         if not hasattr(model, "tie_weights"):
             raise PlanError(f"tensors {tied[:3]} were stored tied, but the model cannot re-tie them")
         model.tie_weights()
