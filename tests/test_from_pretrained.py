@@ -181,7 +181,10 @@ def test_registration_independent_of_import_order(llama_lord):
 def test_without_lord_export_loading_fails_loudly(llama_lord):
     """Without ``import lord_export`` transformers skips the unknown quant_method (a warning) and then
     fails on the factor shapes; it never returns a silently re-initialized dense model."""
-    code = f"from transformers import AutoModelForCausalLM\nAutoModelForCausalLM.from_pretrained({str(llama_lord[0])!r})\n"
+    code = (
+        "from transformers import AutoModelForCausalLM\n"
+        f"AutoModelForCausalLM.from_pretrained({str(llama_lord[0])!r})\n"
+    )
     r = _run(code)
     assert r.returncode != 0
     assert "Unknown quantization type, got lord" in r.stderr
