@@ -23,7 +23,10 @@ does not matter.
 The conversion helpers (:func:`quantization_config_from_plan`, :func:`plan_from_quantization_config`,
 :func:`plan_from_model_dir`) need neither transformers nor a model.
 
-Checked with transformers 4.57.6 and 5.24.0 (see ``tests/test_from_pretrained.py``). The
+Run with transformers 4.57.6 and 5.24.0 (see ``tests/test_from_pretrained.py``); 4.45-4.49 read
+from their sources only (no ``register_*`` functions before 4.50: :func:`register` then fills
+the same two mappings those functions fill; ``check_quantized_param`` instead of
+``param_needs_quantization``; ``is_serializable``/``is_trainable`` read as properties). The
 HfQuantizer API differs between them (4.x: both ``_process_model_*`` hooks abstract,
 ``is_serializable(safe_serialization)``, ``modules_to_not_convert`` kwarg; 5.x: only
 ``is_serializable()`` and ``is_trainable`` abstract, ``preprocess_model(dtype=, checkpoint_files=)``);
@@ -254,8 +257,8 @@ def register() -> None:
         config_cls = __getattr__("LordQuantizationConfig")
         quantizer_cls = __getattr__("LordHfQuantizer")
         for mapping, cls, decorator in (
-            (auto.AUTO_QUANTIZATION_CONFIG_MAPPING, config_cls, auto.register_quantization_config),
-            (auto.AUTO_QUANTIZER_MAPPING, quantizer_cls, auto.register_quantizer),
+            (auto.AUTO_QUANTIZATION_CONFIG_MAPPING, config_cls, getattr(auto, "register_quantization_config", None)),
+            (auto.AUTO_QUANTIZER_MAPPING, quantizer_cls, getattr(auto, "register_quantizer", None)),
         ):
             present = mapping.get(QUANT_METHOD)
             if present is cls:
@@ -266,7 +269,10 @@ def register() -> None:
                     "that is not lord_export's"
                 )
             mapping.pop(QUANT_METHOD, None)  # ours from an earlier build (e.g. a reloaded module)
-            decorator(QUANT_METHOD)(cls)
+            if decorator is not None:
+                decorator(QUANT_METHOD)(cls)
+            else:  # transformers < 4.50 has no register_* functions; they only add to these mappings
+                mapping[QUANT_METHOD] = cls
 
 
 def _register_quietly() -> None:
