@@ -18,11 +18,19 @@ from .calibrate import Calibration, calibrate  # noqa: E402
 from .compress import compress, compress_model_dir  # noqa: E402
 from .config import LordConfig  # noqa: E402
 from .errors import CalibrationError, LordError, PlanError, TargetError, UsageError  # noqa: E402
+from .hf_quantizer import install_import_hook as _install_hf_hook  # noqa: E402
 from .io import load, load_model_dir, read_plan, save_compressed  # noqa: E402
 from .modules import LordBottleneck, LordLinear  # noqa: E402
+from .peft_hook import install as _install_peft_hook  # noqa: E402
 from .plan import Group, Member, Plan  # noqa: E402
 from .planner import make_plan  # noqa: E402
 from .targets import PRESETS, select_targets  # noqa: E402
+
+# transformers' from_pretrained loads LoRD directories: the "lord" quantizer is registered when
+# transformers imports its quantizer registry (this does not import transformers)
+_install_hf_hook()
+# PEFT's LoRA wraps LoRD layers with default configs (lord_export.peft_support): patched when PEFT loads
+_install_peft_hook()
 
 __all__ = [
     "__version__",

@@ -261,7 +261,7 @@ def _compress_streamed(model, model_dir, blocks, tmp, calib_set, config, dtype, 
     writer.close()
     plan = Plan(config=config, groups=result.groups, warnings=result.warnings, base_model=base)
     saved = sum(g.dense_params - g.factor_params for g in plan.factorized_groups)
-    write_config_and_tokenizer(tmp, model, model_dir)
+    write_config_and_tokenizer(tmp, model, plan, model_dir)
     write_plan(tmp, plan, tied, None)
     return build_report(
         plan,

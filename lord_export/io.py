@@ -26,6 +26,7 @@ from torch import nn
 from .apply import apply_plan
 from .checkpoint import DEFAULT_MAX_SHARD_BYTES, WEIGHTS_FILE, CheckpointReader, ShardWriter  # noqa: F401 (re-export)
 from .errors import OutputExistsError, PlanError, UsageError
+from .hf_quantizer import plan_from_model_dir, quantization_config_from_plan
 from .plan import Plan
 
 PLAN_FILE = "lord_plan.json"
@@ -109,7 +110,7 @@ def write_into(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> None:
     """Write the files of a compressed model directory into an existing (empty) ``directory``."""
-    write_config_and_tokenizer(directory, model, source_dir)
+    write_config_and_tokenizer(directory, model, plan, source_dir)
     tensors, tied = unique_state_dict(model)
     writer = ShardWriter(directory, max_shard_bytes)
     for name, tensor in tensors.items():
@@ -118,15 +119,17 @@ def write_into(
     write_plan(directory, plan, tied, report)
 
 
-def write_config_and_tokenizer(directory: Path, model: nn.Module, source_dir: str | Path | None) -> None:
-    """config.json (with the architecture named) and the tokenizer/generation files of ``source_dir``."""
+def write_config_and_tokenizer(directory: Path, model: nn.Module, plan: Plan, source_dir: str | Path | None) -> None:
+    """config.json (with the architecture named and the plan's structure as its ``quantization_config``,
+    so that transformers' ``from_pretrained`` loads the directory) and ``source_dir``'s tokenizer files."""
     from .hf import TOKENIZER_FILES
 
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "save_pretrained"):
+        config = copy.copy(config)
         if not getattr(config, "architectures", None):
-            config = copy.copy(config)
             config.architectures = [type(model).__name__]
+        config.quantization_config = quantization_config_from_plan(plan)
         config.save_pretrained(directory)
     if source_dir is not None:
         for name in TOKENIZER_FILES:
@@ -207,8 +210,11 @@ def load(
     pass a dense ``model`` of the right architecture: it is restructured and loaded in place.
     """
     p = Path(path)
-    plan = read_plan(p, with_tensors=False)
-    tied = json.loads((p / PLAN_FILE).read_text()).get("tied_parameters", [])
+    tied: list[str] | None = None  # None: unknown (written by save_pretrained), re-tie and check what is left
+    plan = plan_from_model_dir(p) if not (p / PLAN_FILE).is_file() else None  # a save_pretrained directory
+    if plan is None:
+        plan = read_plan(p, with_tensors=False)
+        tied = json.loads((p / PLAN_FILE).read_text()).get("tied_parameters", [])
     if model is None:
         model = build_skeleton(p, trust_remote_code)
     apply_plan(model, plan, load_tensors=False)
@@ -218,10 +224,12 @@ def load(
     result = model.load_state_dict(state, strict=False, assign=True)
     if result.unexpected_keys:
         raise PlanError(f"the weights of {p} hold tensors the model does not have: {result.unexpected_keys[:5]}")
-    untied = [k for k in result.missing_keys if k not in tied]
-    if untied:
-        raise PlanError(f"the weights of {p} lack tensors of the model: {untied[:5]}")
-    if tied:
+    if tied is not None:
+        untied = [k for k in result.missing_keys if k not in tied]
+        if untied:
+            raise PlanError(f"the weights of {p} lack tensors of the model: {untied[:5]}")
+    if tied or (tied is None and result.missing_keys):
+        tied = tied or result.missing_keys
         if not hasattr(model, "tie_weights"):
             raise PlanError(f"tensors {tied[:3]} were stored tied, but the model cannot re-tie them")
         model.tie_weights()

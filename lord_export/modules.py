@@ -10,8 +10,8 @@ cannot reason about it); the graph pass deduplicates the repeated bottleneck the
 plain attribute (the bottleneck is registered once, under the group's parent module), so every
 tensor appears once in ``state_dict``. Both classes live at module top level so models pickle.
 
-PEFT: importing this module installs a hook (no peft import) so that ``peft`` LoRA configs wrap
-``LordLinear`` layers with :class:`lord_export.peft_support.LordLoraLinear`; see that module.
+PEFT: ``import lord_export`` installs a hook (no peft import, :mod:`lord_export.peft_hook`) so that
+``peft`` LoRA configs wrap ``LordLinear`` layers with :class:`lord_export.peft_support.LordLoraLinear`.
 """
 
 from __future__ import annotations
@@ -93,12 +93,3 @@ class LordLinear(nn.Module):
             f"in_features={self.in_features}, rank={self.rank}, out_features={self.out_features}, "
             f"bias={self.bias is not None}"
         )
-
-
-def _install_peft_hook() -> None:
-    from ._peft_hook import install
-
-    install()
-
-
-_install_peft_hook()

@@ -30,7 +30,7 @@ Why not the alternatives (read in PEFT 0.21.2's source):
   saved adapter does not reload unless the user also passes a registered ``config=``. PEFT has no
   global registry for LoRA layer types (``dispatch_default`` is a fixed isinstance chain).
   :func:`register_lora` still does this per-config registration for those who opt out of the hook.
-* (c) chosen: the class of (b), applied globally. :mod:`lord_export._peft_hook` wraps PEFT's
+* (c) chosen: the class of (b), applied globally. :mod:`lord_export.peft_hook` wraps PEFT's
   ``LoraModel._create_new_module`` (a static method; the one place every LoRA target passes
   through, including ``PeftModel.from_pretrained``) so that LoRD targets go to
   :func:`dispatch_lord` and everything else to PEFT unchanged. ``import lord_export`` does not
@@ -56,8 +56,8 @@ from peft.tuners.lora import layer as lora_layer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ._peft_hook import install, is_patched
 from .modules import LordLinear
+from .peft_hook import install, is_patched
 from .plan import BOTTLENECKS_ATTR
 
 __all__ = ["LordLoraLinear", "LORA_CUSTOM_MODULES", "dispatch_lord", "register_lora", "is_patched"]

@@ -5,6 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q "torch==2.13.0" ".[test,onnx,optimum]"
+.venv/bin/python -m pip install -q "torch==2.13.0" ".[test,onnx,optimum,peft,humaneval]"
 .venv/bin/python -m ruff check .
 .venv/bin/python -m pytest -q "$@"

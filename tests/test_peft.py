@@ -190,7 +190,7 @@ def test_import_is_lazy_and_hook_applies_in_either_import_order():
         import sys, lord_export
         assert 'peft' not in sys.modules
         import peft
-        from lord_export._peft_hook import is_patched
+        from lord_export.peft_hook import is_patched
         print(is_patched())
         """
     )
@@ -198,7 +198,7 @@ def test_import_is_lazy_and_hook_applies_in_either_import_order():
     out = _run(
         """
         import peft, lord_export
-        from lord_export._peft_hook import is_patched
+        from lord_export.peft_hook import is_patched
         print(is_patched())
         """
     )

@@ -1,6 +1,6 @@
 """Teach PEFT's LoRA about LoRD layers once PEFT is imported, without importing PEFT here.
 
-``install()`` runs when :mod:`lord_export.modules` is imported. If ``peft.tuners.lora.model`` is
+``install()`` runs when :mod:`lord_export` is imported. If ``peft.tuners.lora.model`` is
 already loaded it is patched at once; otherwise a one-shot import hook (a ``sys.meta_path`` finder
 that answers for that single module name and nothing else) patches it right after PEFT loads it.
 The patch wraps ``LoraModel._create_new_module`` so that a target whose base layer is a
@@ -18,8 +18,6 @@ Set ``LORD_EXPORT_PEFT_HOOK=0`` to opt out; then register per config with
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.util
 import os
 import sys
 from types import ModuleType
@@ -32,11 +30,9 @@ def install() -> None:
     """Patch PEFT now if it is loaded, else arrange to patch it when it is (idempotent)."""
     if os.environ.get("LORD_EXPORT_PEFT_HOOK", "1") == "0":
         return
-    loaded = sys.modules.get(TARGET_MODULE)
-    if loaded is not None:
-        patch(loaded)
-    elif not any(isinstance(f, _PeftFinder) for f in sys.meta_path):
-        sys.meta_path.insert(0, _PeftFinder())
+    from .import_hooks import after_import
+
+    after_import(TARGET_MODULE, patch)
 
 
 def is_patched() -> bool:
@@ -79,39 +75,3 @@ def patch(module: ModuleType) -> bool:
     cls._check_target_module_exists = staticmethod(_check_target_module_exists)
     cls._create_new_module = staticmethod(_create_new_module)
     return True
-
-
-class _PeftFinder(importlib.abc.MetaPathFinder):
-    """Finds nothing itself: for ``peft.tuners.lora.model`` it asks the other finders, then patches after exec."""
-
-    def __init__(self) -> None:
-        self._busy = False
-
-    def find_spec(self, fullname, path, target=None):  # noqa: D102
-        if fullname != TARGET_MODULE or self._busy:
-            return None
-        self._busy = True
-        try:
-            spec = importlib.util.find_spec(fullname)
-        finally:
-            self._busy = False
-        loader = getattr(spec, "loader", None)
-        if loader is None or not hasattr(loader, "exec_module"):
-            return spec
-        exec_module = loader.exec_module
-        finder = self
-
-        def exec_then_patch(mod: ModuleType) -> None:
-            try:
-                exec_module(mod)
-            finally:
-                loader.__dict__.pop("exec_module", None)  # back to the class's method
-            patch(mod)
-            if finder in sys.meta_path:
-                sys.meta_path.remove(finder)
-
-        try:
-            loader.exec_module = exec_then_patch
-        except (AttributeError, TypeError):  # a loader without an instance dict: leave PEFT as it is
-            return spec
-        return spec

@@ -1,0 +1,280 @@
+"""Loading LoRD directories through transformers' ``from_pretrained`` (a registered "quantizer").
+
+A LoRD directory's ``config.json`` carries ``"quantization_config": {"quant_method": "lord", ...}``
+holding the compact structure of the plan (per factorized group: parent module, rank, input
+size, members). transformers looks ``quant_method`` up in its registry of quantization configs
+and quantizers; ``register()`` adds ours, so that after ``import lord_export``::
+
+    AutoModelForCausalLM.from_pretrained(lord_dir)      # or AutoModel, pipeline(...)
+
+builds the dense skeleton on the meta device, lets :class:`LordHfQuantizer` swap in the LoRD
+modules (``apply_plan(..., load_tensors=False)``) before the weights load, and loads the factors
+like any other weights. The structure lives in the config itself (not only in ``lord_plan.json``)
+because a quantizer never learns the directory it loads from, and because ``save_pretrained``
+rewrites ``config.json`` (keeping the structure) but writes no ``lord_plan.json``.
+
+This module imports transformers only inside :func:`register` (and the classes are built then):
+``import lord_export`` must stay light. :func:`install_import_hook` (called by
+``lord_export/__init__.py``) registers at once when transformers' quantizer registry is already
+imported, and otherwise the moment it is imported (a ``sys.meta_path`` finder that only watches
+``transformers.quantizers.auto``), so the import order of ``lord_export`` and ``transformers``
+does not matter.
+
+The conversion helpers (:func:`quantization_config_from_plan`, :func:`plan_from_quantization_config`,
+:func:`plan_from_model_dir`) need neither transformers nor a model.
+
+Run with transformers 4.57.6 and 5.24.0 (see ``tests/test_from_pretrained.py``); 4.45-4.49 read
+from their sources only (no ``register_*`` functions before 4.50: :func:`register` then fills
+the same two mappings those functions fill; ``check_quantized_param`` instead of
+``param_needs_quantization``; ``is_serializable``/``is_trainable`` read as properties). The
+HfQuantizer API differs between them (4.x: both ``_process_model_*`` hooks abstract,
+``is_serializable(safe_serialization)``, ``modules_to_not_convert`` kwarg; 5.x: only
+``is_serializable()`` and ``is_trainable`` abstract, ``preprocess_model(dtype=, checkpoint_files=)``);
+the class below defines every method either version requires, with signatures both accept.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+from .errors import LordError, PlanError
+
+log = logging.getLogger(__name__)
+
+QUANT_METHOD = "lord"
+FORMAT_VERSION = 1
+_HOOK_TARGET = "transformers.quantizers.auto"
+_CLASS_NAMES = ("LordQuantizationConfig", "LordHfQuantizer")
+_lock = threading.RLock()
+_classes: dict[str, type] = {}
+
+
+# --------------------------------------------------------------------------- plan <-> config dict
+def quantization_config_from_plan(plan: Any) -> dict[str, Any]:
+    """The ``quantization_config`` entry of config.json for ``plan`` (factorized groups only)."""
+    from . import __version__
+
+    groups = []
+    for g in plan.factorized_groups:
+        groups.append(
+            {
+                "parent": g.parent,
+                "rank": g.rank,
+                "d_in": g.d_in,
+                "members": [
+                    {
+                        "name": m.name.rsplit(".", 1)[-1],
+                        "d_out": m.d_out,
+                        "bias": m.has_bias,
+                        "transposed": m.transposed,
+                    }
+                    for m in g.members
+                ],
+            }
+        )
+    return {
+        "quant_method": QUANT_METHOD,
+        "format_version": FORMAT_VERSION,
+        "lord_export_version": __version__,
+        "lord_config": plan.config.to_dict(),
+        "groups": groups,
+    }
+
+
+def plan_from_quantization_config(qc: Any) -> Any:
+    """A tensor-less :class:`~lord_export.plan.Plan` from a ``quantization_config`` (dict or config object)."""
+    from .config import LordConfig
+    from .factorize import full_rank, parity_rank
+    from .plan import Group, Member, Plan
+
+    d = qc if isinstance(qc, dict) else qc.to_dict()
+    if d.get("quant_method") != QUANT_METHOD:
+        raise PlanError(f"quantization_config has quant_method {d.get('quant_method')!r}, not {QUANT_METHOD!r}")
+    if d.get("format_version") != FORMAT_VERSION:
+        raise PlanError(
+            f"LoRD quantization_config format {d.get('format_version')!r} is not supported "
+            f"(this lord_export reads {FORMAT_VERSION}); upgrade lord_export"
+        )
+    try:
+        groups = []
+        for g in d["groups"]:
+            d_in, rank, parent = int(g["d_in"]), int(g["rank"]), g["parent"]
+            members, row = [], 0
+            for m in g["members"]:
+                name = f"{parent}.{m['name']}" if parent else m["name"]
+                d_out = int(m["d_out"])
+                members.append(Member(name, d_in, d_out, bool(m["transposed"]), bool(m["bias"]), row, row + d_out))
+                row += d_out
+            groups.append(
+                Group(
+                    parent=parent,
+                    members=members,
+                    d_in=d_in,
+                    d_out=row,
+                    rank=rank,
+                    full_rank=full_rank(row, d_in),
+                    parity_rank=parity_rank(row, d_in),
+                    factorized=True,
+                )
+            )
+        config = LordConfig.from_dict(d.get("lord_config") or {})
+    except (KeyError, TypeError, ValueError) as e:
+        raise PlanError(f"invalid LoRD quantization_config: {e!r}") from e
+    return Plan(config=config, groups=groups)
+
+
+def plan_from_model_dir(path: str | Path) -> Any | None:
+    """The plan structure from ``<path>/config.json``'s LoRD quantization_config, or None if it has none."""
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.is_file():
+        return None
+    qc = json.loads(cfg_file.read_text()).get("quantization_config")
+    if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
+        return None
+    return plan_from_quantization_config(qc)
+
+
+# --------------------------------------------------------------------------- transformers classes
+def _build_classes() -> dict[str, type]:
+    from transformers.quantizers.base import HfQuantizer
+    from transformers.utils.quantization_config import QuantizationConfigMixin
+
+    class LordQuantizationConfig(QuantizationConfigMixin):
+        """transformers' view of a LoRD plan: the compact structure stored in config.json."""
+
+        def __init__(
+            self,
+            groups: list[dict[str, Any]] | None = None,
+            format_version: int = FORMAT_VERSION,
+            lord_export_version: str | None = None,
+            lord_config: dict[str, Any] | None = None,
+            **kwargs: Any,
+        ) -> None:
+            kwargs.pop("quant_method", None)
+            self.quant_method = QUANT_METHOD
+            self.format_version = format_version
+            self.lord_export_version = lord_export_version
+            self.lord_config = dict(lord_config or {})
+            self.groups = list(groups or [])
+            self.post_init()
+
+        def post_init(self) -> None:
+            plan_from_quantization_config(self.to_dict())  # validate early, with lord_export's message
+
+        def to_dict(self) -> dict[str, Any]:
+            return {
+                "quant_method": QUANT_METHOD,
+                "format_version": self.format_version,
+                "lord_export_version": self.lord_export_version,
+                "lord_config": dict(self.lord_config),
+                "groups": json.loads(json.dumps(self.groups)),
+            }
+
+        def to_diff_dict(self) -> dict[str, Any]:  # 4.x to_json_string(use_diff=True) calls it
+            return self.to_dict()
+
+        def get_loading_attributes(self) -> dict[str, Any]:
+            return {}
+
+    class LordHfQuantizer(HfQuantizer):
+        """Swaps in the LoRD modules of the plan on the meta skeleton; weights then load as usual.
+
+        Nothing is quantized: LoRD factors are ordinary floating-point weights in the model's
+        dtype. After loading, ``model.is_quantized`` is set back to False so that ``.half()``,
+        ``.float()`` and ``Trainer`` treat the model like any dense model (transformers refuses
+        those for quantized models); ``model.hf_quantizer`` stays, so ``save_pretrained`` keeps
+        the quantization_config.
+        """
+
+        requires_calibration = True  # a LoRD model can only be loaded pre-compressed
+        requires_parameters_quantization = False  # 4.x: weights load as plain tensors
+        required_packages = ["lord_export"]
+
+        def __init__(self, quantization_config: Any, **kwargs: Any) -> None:
+            super().__init__(quantization_config, **kwargs)
+            self.plan = plan_from_quantization_config(quantization_config)
+
+        def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+            if kwargs.get("from_tf") or kwargs.get("from_flax"):
+                raise ValueError("LoRD models load from PyTorch (safetensors) weights only")
+
+        def update_dtype(self, dtype: Any) -> Any:
+            return dtype
+
+        def param_needs_quantization(self, model: Any, param_name: str, **kwargs: Any) -> bool:
+            return False
+
+        def check_quantized_param(self, *args: Any, **kwargs: Any) -> bool:  # 4.4x name of the above
+            return False
+
+        def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> Any:
+            from .apply import apply_plan
+
+            apply_plan(model, self.plan, load_tensors=False)
+            return model
+
+        def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
+            model.is_quantized = False
+            return model
+
+        def is_serializable(self, safe_serialization: Any = None) -> bool:
+            return True
+
+        @property
+        def is_trainable(self) -> bool:
+            return True
+
+        @property
+        def is_qat_trainable(self) -> bool:
+            return True
+
+    out = {"LordQuantizationConfig": LordQuantizationConfig, "LordHfQuantizer": LordHfQuantizer}
+    for name, cls in out.items():  # picklable: found again as lord_export.hf_quantizer.<name>
+        cls.__module__, cls.__qualname__ = __name__, name
+    return out
+
+
+def __getattr__(name: str) -> Any:
+    if name in _CLASS_NAMES:
+        with _lock:
+            if not _classes:
+                _classes.update(_build_classes())
+        return _classes[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def register() -> None:
+    """Register the "lord" quantization config and quantizer with transformers (idempotent)."""
+    from transformers.quantizers import auto
+
+    with _lock:
+        config_cls = __getattr__("LordQuantizationConfig")
+        quantizer_cls = __getattr__("LordHfQuantizer")
+        for mapping, cls, decorator in (
+            (auto.AUTO_QUANTIZATION_CONFIG_MAPPING, config_cls, getattr(auto, "register_quantization_config", None)),
+            (auto.AUTO_QUANTIZER_MAPPING, quantizer_cls, getattr(auto, "register_quantizer", None)),
+        ):
+            present = mapping.get(QUANT_METHOD)
+            if present is cls:
+                continue
+            if present is not None and getattr(present, "__module__", None) != __name__:
+                raise LordError(
+                    f"transformers already has a quantization method {QUANT_METHOD!r} ({present!r}) "
+                    "that is not lord_export's"
+                )
+            mapping.pop(QUANT_METHOD, None)  # ours from an earlier build (e.g. a reloaded module)
+            if decorator is not None:
+                decorator(QUANT_METHOD)(cls)
+            else:  # transformers < 4.50 has no register_* functions; they only add to these mappings
+                mapping[QUANT_METHOD] = cls
+
+
+def install_import_hook() -> None:
+    """Register now if transformers' quantizer registry is imported, else as soon as it is."""
+    from .import_hooks import after_import
+
+    after_import(_HOOK_TARGET, lambda module: register())
