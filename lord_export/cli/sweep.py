@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..allocate import ALLOCATIONS, DEFAULT_ALLOCATION
 from ..config import CALIBRATION_MODES, DEFAULT_CALIBRATION
 from ..factorize import METHODS
 from ..targets import PRESETS
@@ -24,6 +25,16 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
     w.add_argument("model_dir", metavar="MODEL_DIR", help="a dense model directory")
     w.add_argument("--eval", nargs="+", required=True, metavar="PATH", dest="eval_data")
     w.add_argument("--rank-reductions", default="0.1,0.2,0.3,0.4,0.5", help="comma-separated values in [0, 1)")
+    w.add_argument(
+        "--param-ratios",
+        default="",
+        help="comma-separated parameter ratios in (0, 1] (budget settings, see --allocations)",
+    )
+    w.add_argument(
+        "--allocations",
+        default=DEFAULT_ALLOCATION,
+        help=f"comma-separated, from {', '.join(ALLOCATIONS)} (with --param-ratios)",
+    )
     w.add_argument("--targets", nargs="+", default=["all"], choices=list(PRESETS), help="target presets to compare")
     w.add_argument("--methods", default="lord,svd", help=f"comma-separated, from {', '.join(METHODS)}")
     w.add_argument(
@@ -47,7 +58,7 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..config import parse_rank_reductions
+    from ..config import check_param_ratio, parse_rank_reductions
     from ..data import calibration_set, evaluation_windows
     from ..device import resolve_device
     from ..errors import UsageError
@@ -56,7 +67,13 @@ def run(args: argparse.Namespace) -> int:
     from .args import calibration_options
 
     src = check_model_dir(args.model_dir)
-    rrs = parse_rank_reductions(args.rank_reductions)
+    rrs = parse_rank_reductions(args.rank_reductions) if args.rank_reductions.strip() else []
+    ratios = [check_param_ratio(x) for x in args.param_ratios.split(",") if x.strip()]
+    allocations = [a.strip() for a in args.allocations.split(",") if a.strip()]
+    if any(a not in ALLOCATIONS for a in allocations):
+        raise UsageError(f"unknown allocation(s) in {args.allocations!r}; choose from {', '.join(ALLOCATIONS)}")
+    if not rrs and not ratios:
+        raise UsageError("give --rank-reductions or --param-ratios")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
@@ -81,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
         targets=args.targets,
         methods=methods,
         calibrations=calibrations,
+        param_ratios=ratios,
+        allocations=allocations,
         batch_size=args.batch_size,
         device=device,
         pad_id=pad_token_id(tokenizer),
@@ -88,11 +107,9 @@ def run(args: argparse.Namespace) -> int:
     )
     write_sweep(Path(args.out), baseline, rows, parity)
     print(f"dense: perplexity {baseline['perplexity']:.4f}, {baseline['params']:,} parameters")
-    print(f"{'method':6} {'calibration':12} {'targets':9} {'rr':>5} {'params':>10} {'ratio':>6} {'ppl':>9}")
+    print(f"{'setting':34} {'targets':9} {'size':>9} {'params':>10} {'ratio':>6} {'ppl':>9}")
     for r in rows:
-        print(
-            f"{r.method:6} {r.calibration:12} {r.targets:9} {r.rank_reduction:5.2f} {r.params:10,d} "
-            f"{r.params_ratio:6.3f} {r.perplexity:9.4f}"
-        )
+        size = f"R={r.rank_reduction:g}" if r.param_ratio is None else f"P={r.param_ratio:g}"
+        print(f"{r.label:34} {r.targets:9} {size:>9} {r.params:10,d} {r.params_ratio:6.3f} {r.perplexity:9.4f}")
     print(f"wrote {args.out}/sweep.csv, sweep.json and 3 plots")
     return 0

@@ -90,28 +90,20 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def load_model(model_dir: str | Path, *, device: str | None = None, dtype: torch.dtype | None = None) -> nn.Module:
-    """A LoRD directory (has lord_plan.json) via ``io.load``, else a dense one via ``hf.load_dense``.
+    """A dense or LoRD directory (:func:`lord_export.io.load_model_dir`) on ``device``, in eval mode.
 
     ``dtype`` defaults to float32 on CPU and to the stored dtype on an accelerator.
     """
-    from .. import hf, io
+    from ..device import resolve_device
+    from ..hf import check_model_dir
+    from ..io import load_model_dir
 
-    device = device or default_device()
-    hf.check_model_dir(model_dir)
+    device = resolve_device(device)
+    check_model_dir(model_dir)
     if dtype is None and str(device).startswith("cpu"):
         dtype = torch.float32
-    if (Path(model_dir) / io.PLAN_FILE).is_file():
-        model = io.load(model_dir, device=device)
-        if dtype is not None:
-            model = model.to(dtype)
-    else:
-        model = hf.load_dense(model_dir, dtype=dtype).to(device)
-    return model.eval()
+    return load_model_dir(model_dir, dtype=dtype).to(device).eval()
 
 
 def chat_prompt(tokenizer: Any, prompt: str) -> str:
@@ -297,10 +289,12 @@ def evaluate_humaneval(
     """
     if not allow_code_execution:
         raise UsageError(EXECUTION_REFUSED)
-    from .. import hf, io
+    from .. import hf
+    from ..device import resolve_device
+    from ..io import is_lord_dir
 
     problems = load_problems(limit)
-    device = device or default_device()
+    device = resolve_device(device)
     t0 = time.perf_counter()
     if model is None:
         model = load_model(model_dir, device=device, dtype=dtype)
@@ -351,7 +345,7 @@ def evaluate_humaneval(
     return {
         "benchmark": "humaneval",
         "model_dir": str(model_dir),
-        "lord": (Path(model_dir) / io.PLAN_FILE).is_file(),
+        "lord": is_lord_dir(model_dir),
         "problems": len(problems),
         "pass_at_k": score(outcomes, ks),
         "settings": {

@@ -41,6 +41,18 @@ class SweepRow:
     tokens: int
     groups_factorized: int
     calibration: str = "independent"
+    param_ratio: float | None = None
+    allocation: str | None = None
+
+    @property
+    def label(self) -> str:
+        """The curve this row belongs to in the plots."""
+        parts = [self.method]
+        if self.calibration != "independent":
+            parts.append(self.calibration)
+        if self.param_ratio is not None:
+            parts.append(f"alloc={self.allocation}")
+        return " ".join(parts)
 
 
 def run_sweep(
@@ -48,10 +60,12 @@ def run_sweep(
     calib_batches: list,
     eval_windows: list,
     *,
-    rank_reductions: Sequence[float],
+    rank_reductions: Sequence[float] = (),
     targets: Sequence[str] = ("all",),
     methods: Sequence[str] = ("lord", "svd"),
     calibrations: Sequence[str] = ("independent",),
+    param_ratios: Sequence[float] = (),
+    allocations: Sequence[str] = (),
     batch_size: int = 8,
     pad_id: int = 0,
     device: str | None = None,
@@ -59,8 +73,9 @@ def run_sweep(
 ) -> tuple[dict[str, Any], list[SweepRow], list[dict[str, Any]]]:
     """Return (dense baseline, rows, parity points). ``model`` is not modified.
 
-    Settings are methods × calibration modes × targets × rank reductions; independent settings share
-    one calibration (:func:`lord_export.compress.compress_settings`).
+    Settings are methods × calibration modes × targets × (rank reductions, and parameter ratios ×
+    allocations); independent settings share one calibration and budget settings one survey
+    (:func:`lord_export.compress.compress_settings`).
     """
     dense_params = count_parameters(model)
     base = perplexity(model, eval_windows, batch_size=batch_size, pad_id=pad_id)
@@ -71,6 +86,13 @@ def run_sweep(
         for c in calibrations
         for t in targets
         for r in rank_reductions
+    ] + [
+        LordConfig(param_ratio=p, allocation=a, method=m, targets=(t,), calibration=c)
+        for m in methods
+        for c in calibrations
+        for t in targets
+        for a in allocations
+        for p in param_ratios
     ]
     results = compress_settings(model, calib_batches, configs, device=device, progress=progress)
     if progress:
@@ -93,17 +115,12 @@ def run_sweep(
                 ppl.tokens,
                 len(plan.factorized_groups),
                 config.calibration,
+                config.param_ratio,
+                config.allocation if config.param_ratio is not None else None,
             )
         )
         shapes.update({g.name: (g.d_out, g.d_in) for g in plan.groups})
-        log.info(
-            "%s %s %s %.2f: ppl %.4f",
-            config.method,
-            config.calibration,
-            config.targets[0],
-            config.rank_reduction,
-            ppl.perplexity,
-        )
+        log.info("%s: ppl %.4f, %d params", rows[-1].label, ppl.perplexity, params)
     return baseline, rows, parity_points(shapes.values())
 
 
@@ -135,8 +152,7 @@ def write_sweep(out_dir: Path, baseline: dict[str, Any], rows: list[SweepRow], p
 
     lines: dict[tuple[str, str], list[SweepRow]] = {}
     for r in rows:
-        label = r.method if r.calibration == "independent" else f"{r.method} {r.calibration}"
-        lines.setdefault((label, r.targets), []).append(r)
+        lines.setdefault((r.label, r.targets), []).append(r)
     styles = {"lord": "-", "svd": "--", "asvd": ":"}
     for x_key, name, xlabel in (
         ("rank_reduction", "ppl_vs_rank_reduction.png", "rank reduction (fraction of full rank removed)"),
@@ -144,6 +160,8 @@ def write_sweep(out_dir: Path, baseline: dict[str, Any], rows: list[SweepRow], p
     ):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for (method, target), pts in sorted(lines.items()):
+            if x_key == "rank_reduction" and pts[0].param_ratio is not None:
+                continue  # budget settings have no single rank reduction: they are in the parameters plot
             pts = sorted(pts, key=lambda r: getattr(r, x_key))
             ax.plot(
                 [getattr(p, x_key) for p in pts],
@@ -165,7 +183,7 @@ def write_sweep(out_dir: Path, baseline: dict[str, Any], rows: list[SweepRow], p
         plt.close(fig)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for (method, target), pts in sorted(lines.items()):
-        if method != rows[0].method:
+        if method != rows[0].method or pts[0].param_ratio is not None:
             continue
         pts = sorted(pts, key=lambda r: r.rank_reduction)
         ax.plot([p.rank_reduction for p in pts], [p.params for p in pts], marker="o", label=target)

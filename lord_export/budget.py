@@ -1,0 +1,193 @@
+"""From a parameter budget to per-group ranks: the spectra-first pass before compression.
+
+``param_ratio`` needs every group's error curve before any rank is fixed, so compression runs in
+two passes: this survey (whole-model calibration on the dense model, one output-spectrum
+decomposition per group — the decompositions are kept, so the independent-calibration pass that
+follows reuses them — and, for the ``fisher`` allocation, one forward + backward to measure each
+group's sensitivity), then the allocation (:mod:`lord_export.allocate`), then the compression itself
+with the chosen ranks (any calibration mode). Groups named by ``config.overrides`` keep their
+override and count against the budget as fixed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import factorize as fz
+from .allocate import GroupCurve, allocate, predicted_loss
+from .calibrate import Calibration, calibrate
+from .config import LordConfig
+from .errors import TargetError, UsageError
+from .fingerprint import count_parameters
+from .planner import build_groups, describe_group, override_for, stacked_weight
+from .targets import pattern_matches
+
+log = logging.getLogger(__name__)
+
+#: Calibration batches the Fisher sensitivity pass uses at most (its gradients converge quickly).
+SENSITIVITY_BATCHES = 4
+
+
+@dataclass
+class Budget:
+    """The survey's result: ranks for every group (None: dense) and what was measured on the way."""
+
+    ranks: dict[str, int | None]
+    calibration: Calibration
+    cache: dict
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def fisher_sensitivities(
+    model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], groups: dict[str, list[str]]
+) -> dict[str, float]:
+    """s_g = Σ_t ‖∂L/∂y_t‖² / (N · d_out) per group (see :mod:`lord_export.allocate`).
+
+    ``groups`` maps a group's name to its member layers; L is the summed next-token cross-entropy
+    of the calibration batches (padding masked). Parameters get no gradients: the input
+    embeddings' output is made to require grad instead, so memory stays that of activations.
+    """
+    from .hf import model_device
+
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embed is None or not hasattr(model, "lm_head") and "CausalLM" not in type(model).__name__:
+        raise UsageError("the fisher allocation needs a causal language model (use allocation 'spectrum')")
+    member_of = {m: g for g, members in groups.items() for m in members}
+    sums = dict.fromkeys(groups, 0.0)
+    width = dict.fromkeys(groups, 0)
+    modules = dict(model.named_modules())
+    handles = [embed.register_forward_hook(lambda mod, inp, out: out.requires_grad_())]
+
+    def watch(layer: str):
+        def hook(mod: nn.Module, inp: Any, out: torch.Tensor) -> None:
+            if out.requires_grad:
+                out.register_hook(lambda g: _add(layer, g))
+
+        return hook
+
+    def _add(layer: str, g: torch.Tensor) -> None:
+        sums[member_of[layer]] += float(g.double().square().sum())
+
+    for layer, group in member_of.items():
+        handles.append(modules[layer].register_forward_hook(watch(layer)))
+        width[group] += (
+            modules[layer].weight.shape[0] if isinstance(modules[layer], nn.Linear) else modules[layer].weight.shape[1]
+        )
+    requires = {n: p.requires_grad for n, p in model.named_parameters()}
+    was_training = model.training
+    device = model_device(model)
+    tokens = 0
+    try:
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        with torch.enable_grad():
+            for batch in batches[:SENSITIVITY_BATCHES]:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                logits = model(**batch, use_cache=False).logits
+                mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"]))
+                keep = mask[:, 1:].bool()
+                loss = torch.nn.functional.cross_entropy(
+                    logits[:, :-1][keep].float(), batch["input_ids"][:, 1:][keep], reduction="sum"
+                )
+                loss.backward()
+                tokens += int(mask.sum())
+    finally:
+        for h in handles:
+            h.remove()
+        for n, p in model.named_parameters():
+            p.requires_grad_(requires[n])
+        model.train(was_training)
+    return {g: sums[g] / (max(tokens, 1) * max(width[g], 1)) for g in groups}
+
+
+@dataclass
+class Survey:
+    """Everything the allocation needs that does not depend on the budget (reusable across budgets)."""
+
+    curves: list[GroupCurve]
+    fixed_removed: int
+    fixed: dict[str, int | None]
+    total: int
+    calibration: Calibration
+    cache: dict
+    timings: dict[str, float]
+
+
+def survey(
+    model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], config: LordConfig, layers: list[str]
+) -> Survey:
+    """Calibrate the dense model, decompose every group once, measure sensitivities (``fisher``)."""
+    t0 = time.perf_counter()
+    check_overrides(config, layers)
+    calibration = calibrate(model, batches, layers)
+    modules = dict(model.named_modules())
+    fixed: dict[str, int | None] = {}
+    fixed_removed = 0
+    curves: list[GroupCurve] = []
+    members_of: dict[str, list[str]] = {}
+    cache: dict = {}
+    for names in build_groups(layers, calibration.input_of, config.grouping):
+        group = describe_group(modules, names, config, ranks={})
+        if override_for(group, config.overrides) is not None:
+            fixed[group.name] = group.rank if group.factorized else None
+            fixed_removed += group.dense_params - group.factor_params if group.factorized else 0
+            continue
+        W, C = stacked_weight(modules, group), calibration.of(names[0]).C
+        cache[(group.name, "lord")] = decomposition = fz.output_spectrum(W, C.to(W.device))
+        kind = ",".join(m.name.rsplit(".", 1)[-1] for m in group.members)
+        curves.append(GroupCurve(group.name, kind, group.d_in, group.d_out, decomposition[0]))
+        members_of[group.name] = names
+    t1 = time.perf_counter()
+    if config.allocation == "fisher" and curves:
+        for c, s in zip(curves, fisher_sensitivities(model, batches, members_of).values(), strict=True):
+            c.sensitivity = s
+    t2 = time.perf_counter()
+    timings = {"survey_s": round(t1 - t0, 3), "sensitivity_s": round(t2 - t1, 3)}
+    return Survey(curves, fixed_removed, fixed, count_parameters(model), calibration, cache, timings)
+
+
+def plan_budget(
+    model: nn.Module,
+    batches: Sequence[dict[str, torch.Tensor]],
+    config: LordConfig,
+    layers: list[str],
+    *,
+    surveyed: Survey | None = None,
+) -> Budget:
+    """Survey ``model`` (or reuse ``surveyed``) and allocate ``config.param_ratio`` (module docstring)."""
+    sv = surveyed or survey(model, batches, config, layers)
+    multiple = config.rank_multiple
+    target = sv.total - int(config.param_ratio * sv.total) - sv.fixed_removed
+    reachable = sum(c.removed(c.ranks(multiple)[-1]) for c in sv.curves if c.ranks(multiple))
+    if target > reachable:
+        smallest = (sv.total - sv.fixed_removed - reachable) / sv.total
+        raise UsageError(
+            f"parameter ratio {config.param_ratio} cannot be reached: with every target at rank {multiple} the "
+            f"model keeps {smallest:.4f} of its parameters; ask for at least that (or target more layers)"
+        )
+    ranks = allocate(sv.curves, target, method=config.allocation, multiple=multiple)
+    ranks.update(sv.fixed)
+    report = {
+        "params_total": sv.total,
+        "params_target": int(config.param_ratio * sv.total),
+        "allocation": config.allocation,
+        "predicted_loss": predicted_loss(sv.curves, ranks),
+        **sv.timings,
+        "sensitivities": {c.name: c.sensitivity for c in sv.curves} if config.allocation == "fisher" else {},
+    }
+    return Budget(ranks, sv.calibration, sv.cache, report)
+
+
+def check_overrides(config: LordConfig, layers: list[str]) -> None:
+    """TargetError for an override pattern that matches none of ``layers``."""
+    for pattern in config.overrides:
+        if not any(pattern_matches(pattern, n) for n in layers):
+            raise TargetError(f"override pattern {pattern!r} matches none of the targeted layers")
