@@ -157,11 +157,13 @@ def rewrite_dynamo_graph(
 
 
 def _check_naming(gm: fx.GraphModule, placeholders: list[fx.Node], real: dict, plan: Plan) -> None:
-    """PlanError when no planned layer was found but the graph's linears have planned shapes:
-    the names do not fit (a graph break leaves subgraphs without any planned-shape linear)."""
-    weight_of = {n: parameter_name(n) or str(n.target) for n in placeholders}
+    """PlanError when no planned layer was found but the graph has linears of planned shapes whose
+    names the plan's base model does not know: the names do not fit. Subgraphs of a graph break
+    hold no planned layer, or only layers the base model has and the plan left dense: no error."""
+    weight_of = {n: name for n in placeholders if (name := parameter_name(n)) is not None}
     linears = find_sites(gm.graph, lambda n: _as_weight(weight_of[n]) if n in weight_of else None)
-    planned = {}
+    known = set(plan.base_model.get("linears") or {})
+    planned: dict[tuple[int, ...], str] = {}
     for g in plan.factorized_groups:
         for m in g.members:
             planned.setdefault((m.d_in, m.d_out) if m.transposed else (m.d_out, m.d_in), m.name)
@@ -169,15 +171,15 @@ def _check_naming(gm: fx.GraphModule, placeholders: list[fx.Node], real: dict, p
     for name, calls in linears.items():
         w = calls[0].node.args[2] if calls[0].kind == "addmm" else calls[0].node.args[1]
         t = real.get(w)
-        if isinstance(t, torch.Tensor) and tuple(t.shape) in planned:
+        if isinstance(t, torch.Tensor) and tuple(t.shape) in planned and name not in known:
             same.append((name, tuple(t.shape)))
     if same:
         graph_name, shape = same[0]
         raise PlanError(
             f"none of the plan's {sum(len(g.members) for g in plan.factorized_groups)} layers is in this graph, "
-            f"but it has {len(same)} linear(s) of planned shapes (e.g. {graph_name.removesuffix('.weight')} "
-            f"{shape}, like the plan's {planned[shape]}): the plan's layer names do not fit the compiled "
-            "module (made for another model, or for an outer/inner module of this one?)"
+            f"but it has {len(same)} linear(s) of planned shapes with names the plan does not know (e.g. "
+            f"{graph_name} {shape}, like the plan's {planned[shape]}): the plan's layer names do not fit the "
+            "compiled module (made for another model, or for an outer/inner module of this one?)"
         )
 
 

@@ -7,6 +7,7 @@ functions on graphs you already have. The torch.compile backend lives in :mod:`l
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from collections.abc import Mapping
@@ -193,7 +194,7 @@ def rewrite_exported_program(
     _reorder_placeholders(graph, input_specs)
     graph.lint()
     gm.recompile()
-    new_sig = ExportGraphSignature(input_specs=input_specs, output_specs=list(sig.output_specs))
+    new_sig = ExportGraphSignature(input_specs=input_specs, output_specs=_output_specs(graph, sig.output_specs))
     out = ExportedProgram(
         root=gm,
         graph=graph,
@@ -207,6 +208,19 @@ def rewrite_exported_program(
     )
     log.debug("exported program: %d dense parameter(s) dropped", len(dropped))
     return out
+
+
+def _output_specs(graph: fx.Graph, specs: list) -> list:
+    """Output specs naming the graph's current output nodes (a rewritten linear may be an output)."""
+    outs = torch.utils._pytree.tree_leaves(graph.output_node().args[0])
+    if len(outs) != len(specs):
+        return list(specs)
+    fixed = []
+    for spec, node in zip(specs, outs, strict=True):
+        if isinstance(spec.arg, TensorArgument) and isinstance(node, fx.Node) and spec.arg.name != node.name:
+            spec = dataclasses.replace(spec, arg=TensorArgument(name=node.name))
+        fixed.append(spec)
+    return fixed
 
 
 def _reorder_placeholders(graph: fx.Graph, input_specs: list[InputSpec]) -> None:
