@@ -69,7 +69,9 @@ def test_bench_eager_and_onnx_runtime_side_by_side(tiny_llama_dir, lord_dir, tmp
     result = json.loads(out.read_text())
     measured = {(r["backend"], r["mode"], r["tokens"]) for r in result["rows"]}
     for backend in ("eager", "ort-cpu"):
-        assert {(backend, "prefill", 8), (backend, "prefill", 16), (backend, "decode", 8)} <= measured
+        assert {(backend, "prefill", 8), (backend, "prefill", 16)} <= measured
+        if backend == "eager" or has_optimum():  # ONNX Runtime decodes with optimum's KV-cache export
+            assert (backend, "decode", 8) in measured
     for r in result["rows"]:
         assert r["dense_ms"] > 0 and r["lord_ms"] > 0
         assert r["ideal_speedup"] > 1.0  # rank reduction 0.5 removes FLOPs
@@ -176,3 +178,11 @@ def ort_providers() -> list[str]:
     import onnxruntime
 
     return onnxruntime.get_available_providers()
+
+
+def has_optimum() -> bool:
+    try:
+        import optimum.exporters.onnx  # noqa: F401
+    except ImportError:
+        return False
+    return True

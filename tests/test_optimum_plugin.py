@@ -21,7 +21,17 @@ from lord_export.hf import load_dense, load_tokenizer
 from tests.conftest import STORIES_MODEL, STORIES_TEXT, make_tokenizer, needs_shared_data, tiny_model
 
 OPTIMUM_CLI = shutil.which("optimum-cli", path=str(Path(sys.executable).parent)) or shutil.which("optimum-cli")
-pytestmark = pytest.mark.skipif(OPTIMUM_CLI is None, reason="optimum-cli is not installed (extra lord_export[optimum])")
+try:
+    import optimum.exporters.onnx  # noqa: F401
+
+    HAS_OPTIMUM_ONNX = True
+except ImportError:  # e.g. the transformers-5 environment: optimum-onnx needs transformers < 4.58
+    HAS_OPTIMUM_ONNX = False
+pytestmark = pytest.mark.skipif(
+    OPTIMUM_CLI is None or not HAS_OPTIMUM_ONNX,
+    reason="optimum-cli / optimum-onnx is not installed in this environment (extra lord_export[optimum], "
+    "which needs transformers < 4.58)",
+)
 PROMPT = torch.tensor([[1, 5, 9, 30, 7]])
 
 
