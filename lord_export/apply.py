@@ -13,16 +13,21 @@ from .plan import BOTTLENECKS_ATTR, Group, Plan
 from .targets import is_linear, linear_info
 
 
-def apply_plan(model: nn.Module, plan: Plan, *, load_tensors: bool = True) -> nn.Module:
+def apply_plan(model: nn.Module, plan: Plan, *, load_tensors: bool = True, allow_mismatch: bool = False) -> nn.Module:
     """Replace every factorized group of ``plan`` in ``model`` (in place) and return ``model``.
 
     Each group gets one ``LordBottleneck`` registered as ``<parent>.lord_bottlenecks.<key>`` and
     each member becomes a ``LordLinear``. With ``load_tensors`` the plan's factors are copied in;
     without, the new parameters are left uninitialized on the member's device (for loading a
     state dict afterwards). Raises PlanError, before changing anything, when the plan does not
-    fit the model.
+    fit the model, or when ``model`` is not the dense model the plan was made from (its
+    ``base_model`` fingerprint: structure, and with ``load_tensors`` the content of the planned
+    layers' weights, which the factors replace — a fine-tuned model would silently lose its
+    tuning); ``allow_mismatch=True`` skips that check.
     """
     check_plan_fits(model, plan, need_tensors=load_tensors)
+    if not allow_mismatch:
+        check_base_model(model, plan, weights=load_tensors)
     for group in plan.factorized_groups:
         apply_group(model, group, plan.tensors if load_tensors else None)
     return model
@@ -53,6 +58,18 @@ def apply_group(root: nn.Module, group: Group, tensors: Mapping[str, torch.Tenso
             layer.weight.copy_(tensors[f"{m.name}.weight"])
             if m.has_bias:
                 layer.bias.copy_(tensors[f"{m.name}.bias"])
+
+
+def check_base_model(model: nn.Module, plan: Plan, *, weights: bool = True) -> None:
+    """PlanError when ``model`` does not match the plan's ``base_model`` fingerprint (see :func:`apply_plan`)."""
+    from .fingerprint import fingerprint_mismatch
+
+    if not plan.base_model:
+        return
+    layers = [m.name for g in plan.factorized_groups for m in g.members] if weights else None
+    why = fingerprint_mismatch(plan.base_model, model, layers=layers)
+    if why:
+        raise PlanError(f"the plan was made from another model: {why}; pass allow_mismatch=True to apply it anyway")
 
 
 def check_plan_fits(model: nn.Module, plan: Plan, *, need_tensors: bool = True) -> None:

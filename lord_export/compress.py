@@ -118,7 +118,7 @@ def _compress_whole_model(model: nn.Module, data: CalibrationData, config: LordC
     layers = select_targets(model, config.targets, config.exclude)
     calibration = calibrate(model, data, layers, progress=progress)
     plan = make_plan(model, calibration, layers, config, progress=progress)
-    apply_plan(model, plan)
+    apply_plan(model, plan, allow_mismatch=True)  # made from this very model
     plan.warnings.append(f"whole-model calibration: {why}")
     plan.report = {"calibration": {"batches": calibration.batches}}
     return plan
@@ -137,7 +137,7 @@ def factorize_settings(
         work = copy.deepcopy(model)
         layers = select_targets(work, config.targets, config.exclude)
         plan = make_plan(work, calibration, layers, config, cache=cache)
-        apply_plan(work, plan)
+        apply_plan(work, plan, allow_mismatch=True)  # made from this very copy
         yield config, work, plan
 
 

@@ -73,6 +73,14 @@ def model_class(config: Any, trust_remote_code: bool = False) -> type:
     raise UsageError(f"transformers has no model class for architectures {getattr(config, 'architectures', None)}")
 
 
+def dtype_keyword() -> str:
+    """The ``from_pretrained`` keyword for the dtype in the installed transformers."""
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+
+
 def load_dense(
     model_dir: str | Path, *, dtype: torch.dtype | str | None = None, trust_remote_code: bool = False
 ) -> nn.Module:
@@ -88,7 +96,8 @@ def load_dense(
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     cls = model_class(config, trust_remote_code)
     kwargs: dict[str, Any] = {"use_safetensors": True, "trust_remote_code": trust_remote_code}
-    kwargs["dtype"] = dtype if dtype is not None else "auto"
+    # from_pretrained's keyword is ``dtype`` from transformers 4.56 on, ``torch_dtype`` before
+    kwargs[dtype_keyword()] = dtype if dtype is not None else "auto"
     if cls.__name__.startswith("Auto"):
         model = cls.from_pretrained(path, **kwargs)
     else:

@@ -214,7 +214,7 @@ def _build_classes() -> dict[str, type]:
         def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> Any:
             from .apply import apply_plan
 
-            apply_plan(model, self.plan, load_tensors=False)
+            apply_plan(model, self.plan, load_tensors=False, allow_mismatch=True)  # built from the LoRD config
             return model
 
         def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:

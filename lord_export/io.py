@@ -201,13 +201,16 @@ def load(
     dtype: torch.dtype | None = None,
     model: nn.Module | None = None,
     trust_remote_code: bool = False,
+    allow_mismatch: bool = False,
 ) -> nn.Module:
     """Load a LoRD-compressed model directory written by ``lord-export compress`` / :func:`save_compressed`.
 
     The model is built on the meta device from ``config.json``, given the plan's structure, and
     its weights are assigned from ``model.safetensors`` or its shards (tied embeddings stay tied),
     on ``device`` and, when given, cast to ``dtype``. For a model that is not a transformers model,
-    pass a dense ``model`` of the right architecture: it is restructured and loaded in place.
+    pass a dense ``model`` of the right architecture: it is restructured and loaded in place; it
+    must match the plan's base-model fingerprint (class, parameter count, linear shapes — its
+    weight values do not matter, they are all replaced) unless ``allow_mismatch=True``.
     """
     p = Path(path)
     tied: list[str] | None = None  # None: unknown (written by save_pretrained), re-tie and check what is left
@@ -217,7 +220,8 @@ def load(
         tied = json.loads((p / PLAN_FILE).read_text()).get("tied_parameters", [])
     if model is None:
         model = build_skeleton(p, trust_remote_code)
-    apply_plan(model, plan, load_tensors=False)
+        allow_mismatch = True  # built from the directory's own config
+    apply_plan(model, plan, load_tensors=False, allow_mismatch=allow_mismatch)
     state = CheckpointReader(p).load_all(device)
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}

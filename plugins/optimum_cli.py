@@ -25,7 +25,11 @@ LORD_GROUP = "LoRD compression (lord_export)"
 def add_lord_arguments(parser: argparse.ArgumentParser) -> None:
     from lord_export.cli.args import positive_int, rank_reduction  # the same checks as lord-export's flags
 
-    g = parser.add_argument_group(LORD_GROUP)
+    g = parser.add_argument_group(
+        LORD_GROUP,
+        description="Every --lord-* option takes at most one value, so it may come before or after the output "
+        "directory; repeat --lord-calib, --lord-targets and --lord-exclude for several values.",
+    )
     g.add_argument(
         "--lord-rank-reduction",
         type=rank_reduction,
@@ -36,10 +40,12 @@ def add_lord_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--lord-calib",
-        nargs="+",
+        action="append",
         default=None,
         metavar="PATH",
-        help="calibration text/code files or folders (tokenized with the model's tokenizer)",
+        help="a calibration text/code file or folder (tokenized with the model's tokenizer); repeat the flag "
+        "for more: --lord-calib a.txt --lord-calib code/. One path per flag, so the flag may come before or "
+        "after the output directory",
     )
     g.add_argument(
         "--lord-calib-samples", type=positive_int, default=128, metavar="N", help="calibration blocks (default 128)"
@@ -54,12 +60,19 @@ def add_lord_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--lord-calib-separator", default=None, metavar="S", help="split calibration files on S")
     g.add_argument(
         "--lord-targets",
-        nargs="+",
-        default=["all"],
+        action="append",
+        default=None,
         metavar="T",
-        help="layers to compress: all, attention, mlp, mlp-down, names or re:<regex> (default all)",
+        help="layers to compress: all, attention, mlp, mlp-down, a name or re:<regex> (default all); "
+        "one per flag, repeat the flag for more",
     )
-    g.add_argument("--lord-exclude", nargs="+", default=[], metavar="PATTERN", help="layers to leave dense")
+    g.add_argument(
+        "--lord-exclude",
+        action="append",
+        default=None,
+        metavar="PATTERN",
+        help="a layer (name or re:<regex>) to leave dense; one per flag, repeat the flag for more",
+    )
     g.add_argument(
         "--lord-method",
         choices=["lord", "svd", "asvd"],
@@ -78,6 +91,12 @@ def add_lord_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="DIR",
         help="apply an existing plan (an output directory of `lord-export compress`) instead of calibrating",
+    )
+    g.add_argument(
+        "--lord-allow-base-mismatch",
+        action="store_true",
+        help="apply --lord-plan even though the model is not the dense model the plan was made from "
+        "(different architecture fingerprint or different weights, e.g. a fine-tuned model)",
     )
 
 
@@ -127,7 +146,7 @@ def check_args(args: argparse.Namespace) -> None:
             )
         return
     if not args.lord_calib:
-        fail("--lord-rank-reduction needs calibration data: pass --lord-calib PATH [PATH ...]")
+        fail("--lord-rank-reduction needs calibration data: pass --lord-calib PATH (repeat the flag for more)")
     try:
         text_files(args.lord_calib)
     except UsageError as e:
@@ -142,7 +161,7 @@ def compress_for_export(model: Any, args: argparse.Namespace) -> dict[str, Any]:
 
     if args.lord_plan is not None:
         plan = le.read_plan(args.lord_plan)
-        le.apply_plan(model, plan)
+        le.apply_plan(model, plan, allow_mismatch=bool(getattr(args, "lord_allow_base_mismatch", False)))
         return {"plan": str(args.lord_plan), **plan.to_dict()}
     model_dir = Path(args.model)
     max_pos = max_positions(model_dir) if (model_dir / "config.json").is_file() else None
@@ -156,8 +175,8 @@ def compress_for_export(model: Any, args: argparse.Namespace) -> dict[str, Any]:
     config = le.LordConfig(
         rank_reduction=args.lord_rank_reduction,
         method=args.lord_method,
-        targets=tuple(args.lord_targets),
-        exclude=tuple(args.lord_exclude),
+        targets=tuple(args.lord_targets or ["all"]),
+        exclude=tuple(args.lord_exclude or []),
         rank_multiple=args.lord_rank_multiple,
     )
     plan = le.compress(model, data, config, progress=True)

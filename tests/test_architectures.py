@@ -42,7 +42,9 @@ def test_groups_and_optimality(arch):
     prefix = FIRST_BLOCK.get(arch, "model.layers.0.")
     first_block = [g for g in plan.groups if g.members[0].name.startswith(prefix)]
     first = [[m.name.rsplit(".", 1)[-1] for m in g.members] for g in first_block]
-    assert first == FIRST_BLOCK_GROUPS[arch]
+    assert sorted(first) == sorted(
+        FIRST_BLOCK_GROUPS[arch]
+    )  # which groups; their order differs across transformers versions
     for g in plan.groups:
         assert g.factorized
         assert g.relative_error == pytest.approx(g.optimal_relative_error, rel=1e-6), g.name

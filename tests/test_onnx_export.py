@@ -15,7 +15,7 @@ import torch
 import lord_export as le
 from lord_export.data import document_windows
 from lord_export.export import onnx as onnx_export
-from lord_export.export.onnx import ValidationError, export_onnx, make_session, quantize_int8
+from lord_export.export.onnx import ValidationError, export_onnx, make_session, quantize_int8, session_providers
 from lord_export.export.tensorrt import (
     Profile,
     check_onnx_for_tensorrt,
@@ -42,7 +42,8 @@ def test_export_validate_and_census(arch, tmp_path):
     path = tmp_path / "onnx" / "model.onnx"
     onnx.checker.check_model(str(path), full_check=True)
     v = report["validation"]
-    assert v["passed"] and v["max_rel_error"] < 1e-4 and v["provider"] == "CPUExecutionProvider"
+    assert v["passed"] and v["max_rel_error"] < 1e-4
+    assert v["provider"] == session_providers()[0]  # CUDA where this onnxruntime and machine have it, else CPU
     assert v["inputs"]["input_ids"] == [3, 23]  # validated at another shape than the export example
     groups = len(plan.factorized_groups)
     assert report["bottleneck_matmuls"] == groups  # exactly one bottleneck MatMul per group

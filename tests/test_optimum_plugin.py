@@ -21,7 +21,17 @@ from lord_export.hf import load_dense, load_tokenizer
 from tests.conftest import STORIES_MODEL, STORIES_TEXT, make_tokenizer, needs_shared_data, tiny_model
 
 OPTIMUM_CLI = shutil.which("optimum-cli", path=str(Path(sys.executable).parent)) or shutil.which("optimum-cli")
-pytestmark = pytest.mark.skipif(OPTIMUM_CLI is None, reason="optimum-cli is not installed (extra lord_export[optimum])")
+try:
+    import optimum.exporters.onnx  # noqa: F401
+
+    HAS_OPTIMUM_ONNX = True
+except ImportError:  # e.g. the transformers-5 environment: optimum-onnx needs transformers < 4.58
+    HAS_OPTIMUM_ONNX = False
+pytestmark = pytest.mark.skipif(
+    OPTIMUM_CLI is None or not HAS_OPTIMUM_ONNX,
+    reason="optimum-cli / optimum-onnx is not installed in this environment (extra lord_export[optimum], "
+    "which needs transformers < 4.58)",
+)
 PROMPT = torch.tensor([[1, 5, 9, 30, 7]])
 
 
@@ -99,6 +109,49 @@ def test_causal_lm_with_past_matches_lord_pytorch(arch, models, code_corpus, tmp
     got = ort.generate(PROMPT, max_new_tokens=10, do_sample=False, pad_token_id=0)
     want = model.generate(PROMPT, max_new_tokens=10, do_sample=False, pad_token_id=0)
     assert torch.equal(got, want)
+
+
+def test_lord_options_before_or_after_the_output_directory(models, code_corpus, tmp_path):
+    """Every --lord-* option takes one value, so the output directory may come first or last; repeated
+    --lord-calib / --lord-targets / --lord-exclude flags add up."""
+    extra = code_corpus.parent / "extra-calib.txt"
+    extra.write_text("def g(y):\n    return y - 1\n" * 50, encoding="utf-8")
+    lord = [
+        "--lord-rank-reduction",
+        "0.5",
+        "--lord-calib",
+        str(code_corpus),
+        "--lord-calib",
+        str(extra),
+        "--lord-targets",
+        "attention",
+        "--lord-targets",
+        "mlp",
+        "--lord-exclude",
+        "model.layers.0.mlp.down_proj",
+        "--lord-calib-samples",
+        "4",
+        "--lord-calib-seqlen",
+        "32",
+    ]
+    base = ["--model", str(models["llama"]), "--task", "text-generation-with-past"]
+    records = []
+    for name, argv in (
+        ("after", [*base, str(tmp_path / "after"), *lord]),
+        ("before", [*base, *lord, str(tmp_path / "before")]),
+    ):
+        proc = optimum_cli(*argv)
+        assert proc.returncode == 0, (name, proc.stderr[-3000:])
+        assert (tmp_path / name / "model.onnx").is_file()
+        records.append(json.loads((tmp_path / name / "lord_config.json").read_text()))
+    drop = ("timings", "calibration")
+    assert {k: v for k, v in records[0].items() if k not in drop} == {
+        k: v for k, v in records[1].items() if k not in drop
+    }
+    rec = records[0]
+    assert rec["targets"] == ["attention", "mlp"] and rec["exclude"] == ["model.layers.0.mlp.down_proj"]
+    names = {m["name"] for g in rec["groups"] for m in g["members"]}
+    assert "model.layers.0.mlp.down_proj" not in names and "model.layers.1.mlp.down_proj" in names
 
 
 def test_plan_input_and_bert_feature_extraction(models, code_corpus, tmp_path):

@@ -16,6 +16,14 @@ Options (all optional except where noted):
 * ``inductor_options``: a dict of inductor config patches (what ``options=`` would be for
   ``backend="inductor"``).
 * ``up``: ``"separate"`` (default) or ``"concat"`` up-projections.
+* ``allow_base_mismatch``: apply the plan even when the compiled model's planned weights are not
+  those of the plan's base model (by default a PlanError: e.g. a plan made from the dense model,
+  compiled into a fine-tuned copy, would silently replace the tuned weights).
+
+Each graph logs (INFO) how many planned layers it matched. A graph without planned layers is
+normal (graph breaks); one whose linears have the planned shapes but none of the planned names
+raises PlanError (the plan's layer names do not fit the compiled module, e.g. it was made for the
+outer model and an inner one is compiled). Factors are cast to the graph weights' dtype and device.
 
 Pipelines that already call ``torch.compile(..., backend="inductor", options={...})`` switch to
 ``backend="lord", options={"plan": PATH, "inductor_options": {...}}``, or build the backend
@@ -26,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,7 +42,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from ..errors import UsageError
+from ..errors import PlanError, UsageError
 from ..passes.factorize_linears import factorize_linears, find_sites
 from ..passes.graph_utils import copy_graph_module, fake_mode_of
 from ..passes.share_bottlenecks import share_bottlenecks
@@ -41,7 +50,8 @@ from ..plan import Plan
 
 log = logging.getLogger(__name__)
 
-_OPTION_KEYS = {"plan", "backend", "inductor_options", "up"}
+_OPTION_KEYS = {"plan", "backend", "inductor_options", "up", "allow_base_mismatch"}
+_SOURCE_PART = re.compile(r"\._(?:modules|parameters|buffers)\['([^']+)'\]")
 
 
 def placeholder_suffix(param_name: str) -> str:
@@ -50,12 +60,51 @@ def placeholder_suffix(param_name: str) -> str:
     return "".join(f"_modules_{m}" for m in mods) + f"_parameters_{leaf}_"
 
 
+def parameter_name(node: fx.Node) -> str | None:
+    """The dotted parameter name (``layers.0.q_proj.weight``) of a dynamo placeholder, read from
+    the source dynamo records for it (``L['self']._modules['layers']…._parameters['weight']``);
+    None for inputs that are not module parameters."""
+    arg = node.meta.get("grapharg")
+    source = getattr(arg, "source", None)
+    name = getattr(source, "name", None)
+    if callable(name):
+        name = name()
+    if not isinstance(name, str) or "._parameters[" not in name:
+        return None
+    return ".".join(_SOURCE_PART.findall(name)) or None
+
+
+def _match_planned(placeholders: list[fx.Node], plan: Plan) -> dict[fx.Node, str]:
+    """Placeholder → planned ``<layer>.weight``: by the parameter name dynamo records (exact, or the
+    plan's name as a dotted suffix when an outer module was compiled), else by the placeholder's
+    naming scheme (the fallback for sources without a parameter path)."""
+    members = {f"{m.name}.weight": m for g in plan.factorized_groups for m in g.members}
+    suffixes = {placeholder_suffix(k): k for k in members}
+    names: dict[fx.Node, str] = {}
+    for node in placeholders:
+        param = parameter_name(node)
+        if param is not None:
+            hit = param if param in members else next((k for k in members if param.endswith("." + k)), None)
+        else:
+            hit = next((k for suf, k in suffixes.items() if str(node.target).endswith(suf)), None)
+        if hit is not None:
+            names[node] = hit
+    return names
+
+
 def rewrite_dynamo_graph(
-    gm: fx.GraphModule, example_inputs: Sequence[Any], plan: Plan | None, *, up: str = "separate"
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    plan: Plan | None,
+    *,
+    up: str = "separate",
+    allow_base_mismatch: bool = False,
 ) -> tuple[fx.GraphModule, list[torch.Tensor]]:
     """Rewrite a copy of a dynamo graph (dynamo keeps using its own); return the copy and the
     factor tensors, which are buffers of the copy (``get_attr`` nodes with static fake values:
     AOT autograd lifts them like module parameters, with static shapes)."""
+    from .graph import check_graph_base
+
     gm = copy_graph_module(gm)
     share_bottlenecks(gm.graph)
     extra: list[torch.Tensor] = []
@@ -64,23 +113,32 @@ def rewrite_dynamo_graph(
         return gm, extra
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     real = dict(zip(placeholders, example_inputs, strict=False))
-    wanted = {placeholder_suffix(f"{m.name}.weight"): m for g in plan.factorized_groups for m in g.members}
-    names: dict[fx.Node, str] = {}
-    for node in placeholders:
-        for suffix, member in wanted.items():
-            if str(node.target).endswith(suffix):
-                names[node] = f"{member.name}.weight"
-                _check_real_weight(member, real.get(node))
-                break
+    names = _match_planned(placeholders, plan)
+    members = {f"{m.name}.weight": m for g in plan.factorized_groups for m in g.members}
+    for node, key in names.items():
+        _check_real_weight(members[key], real.get(node))
     sites = find_sites(gm.graph, names.get)
+    log.info(
+        "lord backend: %d of %d planned layer(s) found in this graph (%d call(s))",
+        len(sites),
+        len(members),
+        sum(len(v) for v in sites.values()),
+    )
     if not sites:
+        _check_naming(gm, placeholders, real, plan)
         gm.recompile()
         return gm, extra
+    weights = {key[: -len(".weight")]: real.get(node) for node, key in names.items()}
+    if not allow_base_mismatch:
+        check_graph_base(plan, {k: v for k, v in weights.items() if k in sites}, sites)
+    dense = [w for w in weights.values() if isinstance(w, torch.Tensor)]
+    dtype = dense[0].dtype if dense else None
+    device = dense[0].device if dense else _device_of(real)
     fake_mode = fake_mode_of([n.meta["example_value"] for n in placeholders if "example_value" in n.meta])
 
     def bind(key: str, tensor: torch.Tensor) -> fx.Node:
         name = f"lord_factor_{len(extra)}"
-        t = tensor.detach().to(_device_of(real))
+        t = tensor.detach().to(device=device, dtype=dtype if tensor.is_floating_point() else None)
         gm.register_buffer(name, t)
         node = gm.graph.get_attr(name)
         if fake_mode is not None:
@@ -96,6 +154,37 @@ def rewrite_dynamo_graph(
     gm.recompile()
     log.debug("dynamo graph: %d group(s) factorized, %d factor tensor(s) added", n, len(extra))
     return gm, extra
+
+
+def _check_naming(gm: fx.GraphModule, placeholders: list[fx.Node], real: dict, plan: Plan) -> None:
+    """PlanError when no planned layer was found but the graph has linears of planned shapes whose
+    names the plan's base model does not know: the names do not fit. Subgraphs of a graph break
+    hold no planned layer, or only layers the base model has and the plan left dense: no error."""
+    weight_of = {n: name for n in placeholders if (name := parameter_name(n)) is not None}
+    linears = find_sites(gm.graph, lambda n: _as_weight(weight_of[n]) if n in weight_of else None)
+    known = set(plan.base_model.get("linears") or {})
+    planned: dict[tuple[int, ...], str] = {}
+    for g in plan.factorized_groups:
+        for m in g.members:
+            planned.setdefault((m.d_in, m.d_out) if m.transposed else (m.d_out, m.d_in), m.name)
+    same = []
+    for name, calls in linears.items():
+        w = calls[0].node.args[2] if calls[0].kind == "addmm" else calls[0].node.args[1]
+        t = real.get(w)
+        if isinstance(t, torch.Tensor) and tuple(t.shape) in planned and name not in known:
+            same.append((name, tuple(t.shape)))
+    if same:
+        graph_name, shape = same[0]
+        raise PlanError(
+            f"none of the plan's {sum(len(g.members) for g in plan.factorized_groups)} layers is in this graph, "
+            f"but it has {len(same)} linear(s) of planned shapes with names the plan does not know (e.g. "
+            f"{graph_name} {shape}, like the plan's {planned[shape]}): the plan's layer names do not fit the "
+            "compiled module (made for another model, or for an outer/inner module of this one?)"
+        )
+
+
+def _as_weight(name: str) -> str:
+    return name if name.endswith(".weight") else f"{name}.weight"
 
 
 def _device_of(real: dict) -> torch.device:
@@ -150,7 +239,13 @@ def lord_backend(gm: fx.GraphModule, example_inputs: list, *, options: dict | No
     if unknown:
         raise UsageError(f"unknown option(s) {sorted(unknown)} for backend 'lord'; known: {sorted(_OPTION_KEYS)}")
     plan = resolve_plan(options.get("plan"))
-    gm, _ = rewrite_dynamo_graph(gm, example_inputs, plan, up=options.get("up", "separate"))
+    gm, _ = rewrite_dynamo_graph(
+        gm,
+        example_inputs,
+        plan,
+        up=options.get("up", "separate"),
+        allow_base_mismatch=bool(options.get("allow_base_mismatch", False)),
+    )
     return compile_inner(gm, list(example_inputs), options.get("backend"), options.get("inductor_options"))
 
 

@@ -7,6 +7,7 @@ functions on graphs you already have. The torch.compile backend lives in :mod:`l
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from collections.abc import Mapping
@@ -30,10 +31,13 @@ def _attr_name(key: str) -> str:
     return "lord_" + re.sub(r"[^0-9a-zA-Z_]", "_", key)
 
 
-def rewrite_graph_module(gm: fx.GraphModule, plan: Plan, *, up: str = "separate") -> fx.GraphModule:
+def rewrite_graph_module(
+    gm: fx.GraphModule, plan: Plan, *, up: str = "separate", allow_mismatch: bool = False
+) -> fx.GraphModule:
     """Rewrite a ``torch.fx.symbolic_trace`` GraphModule in place (nn.Linear leaves or
     ``F.linear`` on ``get_attr`` weights); factors become buffers of ``gm``; unused submodules
-    and weights are dropped. Returns ``gm``."""
+    and weights are dropped. Returns ``gm``. Raises PlanError when the graph's planned weights are
+    not those of the plan's base model (see :func:`check_graph_base`) unless ``allow_mismatch``."""
     modules = dict(gm.named_modules())
 
     def weight_name(node: fx.Node) -> str | None:
@@ -45,7 +49,9 @@ def rewrite_graph_module(gm: fx.GraphModule, plan: Plan, *, up: str = "separate"
         return gm.graph.get_attr(name)
 
     sites = find_sites(gm.graph, weight_name, modules)
-    _check_shapes(plan, {k: _site_weight_shape(gm, s) for k, s in sites.items()})
+    _check_shapes(plan, {k: _site_weight_shape(gm, s[0]) for k, s in sites.items()})
+    if not allow_mismatch:
+        check_graph_base(plan, {k: _site_weight(gm, s[0]) for k, s in sites.items()}, sites)
     factorize_linears(gm.graph, plan, sites, bind, up=up)
     share_bottlenecks(gm.graph)
     for node in list(gm.graph.nodes):  # only the weights made dead; other unused nodes may matter
@@ -58,13 +64,38 @@ def rewrite_graph_module(gm: fx.GraphModule, plan: Plan, *, up: str = "separate"
     return gm
 
 
-def _site_weight_shape(gm: fx.GraphModule, site) -> tuple[int, ...]:
+def _site_weight(gm: fx.GraphModule, site) -> torch.Tensor:
     if site.kind == "module":
-        return tuple(gm.get_submodule(site.node.target).weight.shape)
+        return gm.get_submodule(site.node.target).weight
     w = site.node.args[1] if site.kind == "linear" else site.node.args[2]
-    t = _get_attr(gm, w.target)
-    shape = tuple(t.shape)
+    return _get_attr(gm, w.target)
+
+
+def _site_weight_shape(gm: fx.GraphModule, site) -> tuple[int, ...]:
+    shape = tuple(_site_weight(gm, site).shape)
     return shape[::-1] if site.kind == "addmm" else shape
+
+
+def check_graph_base(plan: Plan, weights: Mapping[str, Any], sites: Mapping[str, Any]) -> None:
+    """PlanError when the planned layers' weights a graph holds are not the plan's base model's.
+
+    A graph shows only its own linear weights, so this compares what it can: their shapes with the
+    base model's linear shapes, and their contents with the plan's weight fingerprints (the key
+    case: a plan made from a dense model applied to a fine-tuned copy, whose tuned weights the
+    factors would silently replace). Pass ``allow_mismatch=True`` (``allow_base_mismatch`` for
+    the dynamo backend) to apply it anyway.
+    """
+    from ..fingerprint import weights_mismatch
+
+    if not plan.base_model:
+        return
+    transposed = {k: s[0].kind == "addmm" for k, s in sites.items()}
+    why = weights_mismatch(plan.base_model, weights, transposed=transposed)
+    if why:
+        raise PlanError(
+            f"the plan was made from another model: {why}; pass allow_mismatch=True "
+            "(torch.compile: options={'allow_base_mismatch': True}) to apply it anyway"
+        )
 
 
 def _get_attr(gm: nn.Module, target: str) -> torch.Tensor:
@@ -99,11 +130,14 @@ def _check_shapes(plan: Plan, shapes: Mapping[str, tuple[int, ...]]) -> None:
         raise PlanError(f"the plan does not fit this graph's weights: {'; '.join(bad[:6])}")
 
 
-def rewrite_exported_program(ep: ExportedProgram, plan: Plan, *, up: str = "separate") -> ExportedProgram:
+def rewrite_exported_program(
+    ep: ExportedProgram, plan: Plan, *, up: str = "separate", allow_mismatch: bool = False
+) -> ExportedProgram:
     """Return a new ExportedProgram whose planned ``aten.linear`` (and Conv1D ``aten.addmm``)
     nodes are replaced by grouped low-rank pairs. Factors are added as PARAMETER inputs (graph
     signature, state dict and fake ``val`` meta); dense weights that become unused are dropped.
-    The input program is not modified."""
+    The input program is not modified. Raises PlanError when the program's planned weights are
+    not those of the plan's base model (see :func:`check_graph_base`) unless ``allow_mismatch``."""
     gm = copy_graph_module(ep.graph_module)
     graph = gm.graph
     sig = ep.graph_signature
@@ -132,12 +166,15 @@ def rewrite_exported_program(ep: ExportedProgram, plan: Plan, *, up: str = "sepa
         return node
 
     sites = find_sites(graph, weight_name)
-    shapes = {}
+    shapes, weights = {}, {}
     for layer, site in sites.items():
         t = state_dict.get(f"{layer}.weight")
         if t is not None:
-            shapes[layer] = tuple(t.shape)[::-1] if site.kind == "addmm" else tuple(t.shape)
+            shapes[layer] = tuple(t.shape)[::-1] if site[0].kind == "addmm" else tuple(t.shape)
+            weights[layer] = t
     _check_shapes(plan, shapes)
+    if not allow_mismatch:
+        check_graph_base(plan, weights, sites)
     used_before = {n for n in placeholders if n.users}
     factorize_linears(graph, plan, sites, bind, up=up)
     share_bottlenecks(graph)
@@ -157,7 +194,7 @@ def rewrite_exported_program(ep: ExportedProgram, plan: Plan, *, up: str = "sepa
     _reorder_placeholders(graph, input_specs)
     graph.lint()
     gm.recompile()
-    new_sig = ExportGraphSignature(input_specs=input_specs, output_specs=list(sig.output_specs))
+    new_sig = ExportGraphSignature(input_specs=input_specs, output_specs=_output_specs(graph, sig.output_specs))
     out = ExportedProgram(
         root=gm,
         graph=graph,
@@ -171,6 +208,19 @@ def rewrite_exported_program(ep: ExportedProgram, plan: Plan, *, up: str = "sepa
     )
     log.debug("exported program: %d dense parameter(s) dropped", len(dropped))
     return out
+
+
+def _output_specs(graph: fx.Graph, specs: list) -> list:
+    """Output specs naming the graph's current output nodes (a rewritten linear may be an output)."""
+    outs = torch.utils._pytree.tree_leaves(graph.output_node().args[0])
+    if len(outs) != len(specs):
+        return list(specs)
+    fixed = []
+    for spec, node in zip(specs, outs, strict=True):
+        if isinstance(spec.arg, TensorArgument) and isinstance(node, fx.Node) and spec.arg.name != node.name:
+            spec = dataclasses.replace(spec, arg=TensorArgument(name=node.name))
+        fixed.append(spec)
+    return fixed
 
 
 def _reorder_placeholders(graph: fx.Graph, input_specs: list[InputSpec]) -> None:
@@ -190,17 +240,19 @@ def export_lord(
     *,
     dynamic_shapes: Any = None,
     up: str = "separate",
+    allow_mismatch: bool = False,
 ) -> ExportedProgram:
     """``torch.export`` a DENSE model (non-strict) and rewrite it with ``plan``.
 
     ``dynamic_shapes`` follows ``torch.export.export``. For transformers models, pass
     ``use_cache=False`` in ``kwargs`` (or set it in the config) to export logits only; HF's
     vmap-based causal mask is swapped for its export-friendly form (see DESIGN.md) so the
-    program can be saved with ``torch.export.save``.
+    program can be saved with ``torch.export.save``. ``allow_mismatch``: see
+    :func:`rewrite_exported_program`.
     """
     with export_friendly_masks():
         ep = torch.export.export(model, args, kwargs or {}, dynamic_shapes=dynamic_shapes, strict=False)
-    return rewrite_exported_program(ep, plan, up=up)
+    return rewrite_exported_program(ep, plan, up=up, allow_mismatch=allow_mismatch)
 
 
 class export_friendly_masks:
