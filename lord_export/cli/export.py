@@ -39,8 +39,9 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
         help="also write a quantized copy and report its size and error: int8 = model.int8.onnx "
         "(ONNX Runtime dynamic int8: int8 weights, activations quantized per call); int4 = model.int4.onnx "
         "(ONNX Runtime MatMulNBits: 4-bit weights, one scale and zero point per --block-size weights "
-        "along each MatMul's input dimension, i.e. along the rank for up-projections; ranks that are "
-        "not a multiple of the block size are zero-padded to one, costing bytes, not accuracy)",
+        "along each MatMul's input dimension, i.e. along the rank for up-projections; a MatMul whose "
+        "input dimension the block size does not divide gets the largest power of two >= 16 that divides "
+        "it, else ONNX Runtime zero-pads it)",
     )
     e.add_argument("--int8", action="store_true", help="alias of --quantize int8")
     e.add_argument(
