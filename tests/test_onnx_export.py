@@ -15,7 +15,15 @@ import torch
 import lord_export as le
 from lord_export.data import document_windows
 from lord_export.export import onnx as onnx_export
-from lord_export.export.onnx import ValidationError, export_onnx, make_session, quantize_int8, session_providers
+from lord_export.export.onnx import (
+    ValidationError,
+    export_onnx,
+    int4_block_size,
+    make_session,
+    quantize_int4,
+    quantize_int8,
+    session_providers,
+)
 from lord_export.export.tensorrt import (
     Profile,
     check_onnx_for_tensorrt,
@@ -57,6 +65,35 @@ def test_dense_export_has_no_bottlenecks(tmp_path):
     model.save_pretrained(tmp_path / "dense")
     report = export_onnx(tmp_path / "dense", tmp_path / "onnx")
     assert report["bottleneck_matmuls"] == 0 and not report["lord"]
+
+
+def test_int4_lord_runs_in_ort_close_to_float(tmp_path):
+    """4-bit MatMulNBits on the LoRD ONNX: every factor MatMul quantized, logits within a stated
+    tolerance of the float32 LoRD ONNX (itself validated against PyTorch to 1e-4)."""
+    src, plan = lord_dir("llama", tmp_path)
+    export_onnx(src, tmp_path / "onnx")
+    q = quantize_int4(tmp_path / "onnx", block_size=128)
+    ops = [n.op_type for n in onnx.load(q["path"]).graph.node]
+    bottlenecks_and_ups = sum(1 + len(g.members) for g in plan.factorized_groups)
+    assert ops.count("MatMulNBits") >= bottlenecks_and_ups and "DequantizeLinear" not in ops
+    # the tiny model's ranks (32) are below the block size: those MatMuls use smaller blocks, no padding
+    assert q["matmuls_per_block_size"].get("32", 0) >= sum(len(g.members) for g in plan.factorized_groups)
+    assert q["bytes_int4"] < 0.65 * q["bytes_float"]
+    fp32 = make_session(tmp_path / "onnx" / "model.onnx", prefer_cuda=False)
+    int4 = make_session(q["path"], prefer_cuda=False)
+    ids = np.random.default_rng(0).integers(3, 100, size=(2, 16)).astype(np.int64)
+    feeds = {i.name: (np.ones_like(ids) if "mask" in i.name else ids) for i in fp32.get_inputs()}
+    a, b = fp32.run(None, feeds)[0], int4.run(None, feeds)[0]
+    # tolerance: 4-bit weights of a random tiny model; relative Frobenius error of the logits <= 0.15
+    assert np.linalg.norm(a - b) / np.linalg.norm(a) < 0.15
+    assert (a.argmax(-1) == b.argmax(-1)).mean() > 0.6
+
+
+def test_int4_block_size_per_matmul():
+    assert int4_block_size(1024, 128) == 128
+    assert int4_block_size(192, 128) == 64  # a rank not a multiple of the block: largest dividing power of two
+    assert int4_block_size(96, 128) == 32
+    assert int4_block_size(40, 128) == 128  # no power of two >= 16 divides it: ONNX Runtime zero-pads
 
 
 def test_failed_validation_keeps_the_onnx_aside(tmp_path, monkeypatch):
@@ -119,6 +156,8 @@ def test_cli_export_and_bad_input(tmp_path):
     src, _ = lord_dir("gpt2", tmp_path)
     out = tmp_path / "onnx"
     proc = run_cli("export", str(src), str(out), "--int8")
+    bad_block = run_cli("export", str(src), str(tmp_path / "z"), "--quantize", "int4", "--block-size", "48")
+    assert bad_block.returncode == 2 and "power of two" in bad_block.stderr
     assert proc.returncode == 0, proc.stderr
     assert "bottleneck MatMul" in proc.stdout and "validated in ONNX Runtime" in proc.stdout
     assert (out / "model.int8.onnx").is_file()

@@ -33,9 +33,27 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
         help="export dtype (float16 for GPUs; TensorRT engines take their precision from it)",
     )
     e.add_argument(
-        "--int8",
+        "--quantize",
+        choices=["int8", "int4"],
+        default=None,
+        help="also write a quantized copy and report its size and error: int8 = model.int8.onnx "
+        "(ONNX Runtime dynamic int8: int8 weights, activations quantized per call); int4 = model.int4.onnx "
+        "(ONNX Runtime MatMulNBits: 4-bit weights, one scale and zero point per --block-size weights "
+        "along each MatMul's input dimension, i.e. along the rank for up-projections; a MatMul whose "
+        "input dimension the block size does not divide gets the largest power of two >= 16 that divides "
+        "it, else ONNX Runtime zero-pads it)",
+    )
+    e.add_argument("--int8", action="store_true", help="alias of --quantize int8")
+    e.add_argument(
+        "--block-size",
+        type=positive_int,
+        default=128,
+        help="--quantize int4: weights per quantization block (a power of two >= 16)",
+    )
+    e.add_argument(
+        "--symmetric",
         action="store_true",
-        help="also write model.int8.onnx (ONNX Runtime dynamic int8 quantization) and report its error",
+        help="--quantize int4: symmetric blocks (no zero points; smaller, usually less accurate)",
     )
     e.add_argument(
         "--with-past",
@@ -49,12 +67,15 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..export.onnx import ValidationError, export_onnx, quantize_int8
+    from ..export.onnx import ValidationError, export_onnx, quantize_onnx
 
     if args.format == "tensorrt":
         from ..export.tensorrt import require_tensorrt
 
         require_tensorrt("tensorrt")  # fail before any work when TensorRT is missing
+    if (args.quantize == "int4") and (args.block_size < 16 or args.block_size & (args.block_size - 1)):
+        print(f"{PROG}: --block-size must be a power of two >= 16, got {args.block_size}", file=sys.stderr)
+        return 2
     try:
         report = export_onnx(
             args.model_dir,
@@ -69,10 +90,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"{PROG}: failed: {err}; the ONNX is kept in {args.output_dir}.failed for inspection", file=sys.stderr)
         return 1
     _print_report(report)
-    if args.int8:
-        q = quantize_int8(args.output_dir)
+    quantize = args.quantize or ("int8" if args.int8 else None)
+    if quantize:
+        q = quantize_onnx(args.output_dir, quantize, block_size=args.block_size, is_symmetric=args.symmetric)
         print(
-            f"wrote {q['path']}: {q['bytes_int8']:,} bytes ({q['bytes_int8'] / q['bytes_float']:.2f}x), "
+            f"wrote {q['path']}: {q['bytes_quantized']:,} bytes ({q['bytes_quantized'] / q['bytes_float']:.2f}x), "
             f"max relative error vs float {q['max_rel_error_vs_float']:.3g}, top-1 agreement {q['top1_agreement']:.3f}"
         )
     if args.format == "tensorrt":

@@ -353,31 +353,137 @@ __all__ = [
 ]
 
 
+QUANT_FILES = {"int8": "model.int8.onnx", "int4": "model.int4.onnx"}
+INT4_BLOCK_SIZE = 128
+
+
 def quantize_int8(onnx_dir: str | Path, *, seed: int = 2) -> dict[str, Any]:
     """Dynamic int8 quantization (ONNX Runtime's ``quantize_dynamic``, int8 weights) of
     ``onnx_dir``/model.onnx into model.int8.onnx; returns sizes and the output change against the
     float model on the same random inputs (max relative error, top-1 agreement of the last axis)."""
-    require("onnxruntime")
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    return quantize_onnx(onnx_dir, "int8", seed=seed)
 
+
+def quantize_int4(
+    onnx_dir: str | Path,
+    *,
+    block_size: int = INT4_BLOCK_SIZE,
+    is_symmetric: bool = False,
+    accuracy_level: int | None = None,
+    seed: int = 2,
+) -> dict[str, Any]:
+    """4-bit weight-only quantization (ONNX Runtime's ``MatMulNBitsQuantizer``: every MatMul with a
+    constant weight becomes a ``MatMulNBits``, one scale (and zero point unless ``is_symmetric``) per
+    ``block_size`` consecutive weights along the input dimension K) of ``onnx_dir``/model.onnx into
+    model.int4.onnx. K is the factor's input dimension: d_in for a bottleneck, the rank for an
+    up-projection. ONNX Runtime zero-pads K to a multiple of ``block_size`` (a rank of 192 with
+    blocks of 128 is stored as 256 rows: the padding costs bytes, not accuracy), so any rank works;
+    ``block_size`` must be a power of two >= 16 (the kernel's constraint). ``accuracy_level`` 4
+    lets the CPU kernel quantize activations to int8 (faster, slightly less accurate)."""
+    return quantize_onnx(
+        onnx_dir, "int4", seed=seed, block_size=block_size, is_symmetric=is_symmetric, accuracy_level=accuracy_level
+    )
+
+
+def quantize_onnx(
+    onnx_dir: str | Path,
+    kind: str,
+    *,
+    seed: int = 2,
+    block_size: int = INT4_BLOCK_SIZE,
+    is_symmetric: bool = False,
+    accuracy_level: int | None = None,
+) -> dict[str, Any]:
+    """Quantize ``onnx_dir``/model.onnx (``kind`` "int8" or "int4", see :func:`quantize_int8` and
+    :func:`quantize_int4`); returns the path, sizes and the output change against the float model."""
+    require("onnxruntime")
+    if kind not in QUANT_FILES:
+        raise UsageError(f"quantization must be one of {sorted(QUANT_FILES)}, got {kind!r}")
     src = Path(onnx_dir) / ONNX_FILE
-    dst = Path(onnx_dir) / "model.int8.onnx"
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
-    fp32, int8 = make_session(src, prefer_cuda=False), make_session(dst, prefer_cuda=False)
+    dst = Path(onnx_dir) / QUANT_FILES[kind]
+    if kind == "int8":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+    else:
+        if block_size < 16 or block_size & (block_size - 1):
+            raise UsageError(f"int4 block size must be a power of two >= 16, got {block_size}")
+        blocks = _quantize_int4(src, dst, block_size, is_symmetric, accuracy_level)
+    fp32, quant = make_session(src, prefer_cuda=False), make_session(dst, prefer_cuda=False)
     g = np.random.default_rng(seed)
     feeds = {}
     for i in fp32.get_inputs():
         ids = g.integers(3, 100, size=(2, 24)).astype(np.int64)
         feeds[i.name] = np.ones_like(ids) if "mask" in i.name else ids
     a = fp32.run(None, feeds)[0]
-    b = int8.run(None, feeds)[0]
-    return {
+    b = quant.run(None, feeds)[0]
+    report = {
         "path": str(dst),
+        "kind": kind,
         "bytes_float": _onnx_bytes(src),
-        "bytes_int8": _onnx_bytes(dst),
+        f"bytes_{kind}": _onnx_bytes(dst),
+        "bytes_quantized": _onnx_bytes(dst),
         "max_rel_error_vs_float": float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-12)),
         "top1_agreement": float((a.argmax(-1) == b.argmax(-1)).mean()),
     }
+    if kind == "int4":
+        report.update(
+            block_size=block_size,
+            is_symmetric=is_symmetric,
+            accuracy_level=accuracy_level,
+            matmuls_per_block_size={str(k): v for k, v in sorted(blocks.items())},
+        )
+    return report
+
+
+def int4_block_size(k: int, block_size: int) -> int:
+    """The block size one MatMul with input dimension ``k`` is quantized with: ``block_size`` when it
+    divides k, else the largest power of two >= 16 that divides k and is below ``block_size`` (a
+    rank of 192 with blocks of 128 gets blocks of 64), else ``block_size`` (ONNX Runtime zero-pads k)."""
+    if k % block_size == 0:
+        return block_size
+    b = block_size // 2
+    while b >= 16:
+        if k % b == 0:
+            return b
+        b //= 2
+    return block_size
+
+
+def _quantize_int4(src: Path, dst: Path, block_size: int, is_symmetric: bool, accuracy_level: int | None) -> dict:
+    """MatMulNBitsQuantizer over ``src``, one pass per block size (see :func:`int4_block_size`);
+    returns {block size: number of MatMuls quantized with it}."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    model = onnx.load(str(src))
+    inits = {t.name: t for t in model.graph.initializer}
+    chosen: dict[int, list[str]] = {}
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and len(node.input) > 1 and node.input[1] in inits:
+            dims = list(inits[node.input[1]].dims)
+            if len(dims) == 2:
+                chosen.setdefault(int4_block_size(dims[0], block_size), []).append(node.name)
+    quiet = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
+    try:
+        for bs, names in sorted(chosen.items()):
+            q = MatMulNBitsQuantizer(
+                model,
+                bits=4,
+                block_size=bs,
+                is_symmetric=is_symmetric,
+                accuracy_level=accuracy_level,
+                nodes_to_include=names,
+            )
+            q.process()
+            model = q.model.model
+    finally:
+        quiet.setLevel(level)
+    large = sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_BYTES
+    onnx.save_model(model, str(dst), save_as_external_data=large, location=dst.name + ".data" if large else None)
+    return {bs: len(v) for bs, v in chosen.items()}
 
 
 def _onnx_bytes(path: Path) -> int:

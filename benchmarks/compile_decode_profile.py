@@ -1,0 +1,79 @@
+"""Profile/time compiled decode, dense (inductor) vs LoRD (backend="lord"), one run, interleaved.
+
+Issue 16 helper. Model of compile_speed.add_model_args (use --layers 1-2 to iterate); prompt 128 tokens,
+then --steps greedy decode steps per round; --prof prints torch.profiler tables of 4 decode steps;
+--opts passes backend options, e.g. --opts 'up="concat"'. Set TORCHINDUCTOR_CACHE_DIR to keep the
+generated modules (benchmarks/inductor_module_bench.py times them without dynamo).
+
+    cd benchmarks && PYTHONPATH=.. python compile_decode_profile.py --layers 2 --prof
+"""
+
+import argparse  # noqa: E401
+import copy
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch
+from compile_speed import build
+
+from lord_export.export.dynamo import make_backend
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--layers", type=int, default=2)
+ap.add_argument("--hidden", type=int, default=1024)
+ap.add_argument("--intermediate", type=int, default=2816)
+ap.add_argument("--vocab", type=int, default=8192)
+ap.add_argument("--rank-reduction", type=float, default=0.5)
+ap.add_argument("--rank-multiple", type=int, default=64)
+ap.add_argument("--tokens", type=int, nargs="+", default=[256])
+ap.add_argument("--steps", type=int, default=16)
+ap.add_argument("--prof", action="store_true")
+ap.add_argument("--opts", default="")
+ap.add_argument("--rounds", type=int, default=3)
+args = ap.parse_args()
+torch.manual_seed(0)
+dense, lord, plan = build(args)
+opts = eval("dict(" + args.opts + ")")
+cd = torch.compile(copy.deepcopy(dense), backend="inductor", dynamic=True)
+cl = torch.compile(copy.deepcopy(dense), backend=make_backend(plan=plan, **opts), dynamic=True)
+prompt = torch.randint(0, args.vocab, (1, 128))
+
+
+def decode(model, steps):
+    with torch.no_grad():
+        out = model(input_ids=prompt, use_cache=True)
+        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        t = time.perf_counter()
+        toks = []
+        for _ in range(steps):
+            out = model(input_ids=nxt, past_key_values=past, use_cache=True)
+            past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            toks.append(nxt.item())
+        return (time.perf_counter() - t) / steps, toks
+
+
+for m in (cd, cl):
+    decode(m, 3)
+    decode(m, 3)
+res = {"dense": [], "lord": []}
+for _ in range(args.rounds):
+    for name, m in (("dense", cd), ("lord", cl)):
+        res[name].append(decode(m, args.steps)[0])
+d, lo = statistics.median(res["dense"]), statistics.median(res["lord"])
+print(f"decode ms/token dense {d * 1e3:.2f} lord {lo * 1e3:.2f} speedup {d / lo:.3f}")
+if args.prof:
+    from torch.profiler import ProfilerActivity, profile
+
+    for name, m in (("dense", cd), ("lord", cl)):
+        with torch.no_grad():
+            out = m(input_ids=prompt, use_cache=True)
+            past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            with profile(activities=[ProfilerActivity.CPU]) as p:
+                for _ in range(4):
+                    out = m(input_ids=nxt, past_key_values=past, use_cache=True)
+                    past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        print("=====", name)
+        print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
