@@ -65,6 +65,12 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
         metavar="L",
         help="tokens per evaluation window (default: 512 or the model's maximum positions, whichever is smaller)",
     )
+    h.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help="dtype the healed model is saved in (auto: LORD_DIR's); training and evaluation run in float32",
+    )
     add_device_args(h)
     h.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists")
     h.add_argument(
@@ -86,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
     import json
     import time
     from pathlib import Path
+
+    import torch
 
     from ..data import calibration_set, evaluation_windows, resolve_seqlen, text_files
     from ..device import resolve_device
@@ -143,7 +151,10 @@ def run(args: argparse.Namespace) -> int:
         window = args.eval_window or resolve_seqlen(None, positions, 512)
         windows = evaluation_windows(tokenizer, args.eval, window, max_positions=positions)
     plan = read_plan(src, with_tensors=False)
-    model = load(src, trust_remote_code=args.trust_remote_code).to(device)
+    model = load(src, trust_remote_code=args.trust_remote_code)
+    stored = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    out_dtype = stored if args.dtype == "auto" else getattr(torch, args.dtype)
+    model = model.to(device=device, dtype=torch.float32)  # AdamW on half-precision weights would lose the updates
     pad = pad_token_id(tokenizer)
 
     def evaluate(tag: str) -> dict | None:
@@ -157,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
     before = evaluate("before")
     teacher = None
     if args.distill is not None:
-        teacher = load_model_dir(args.distill, trust_remote_code=args.trust_remote_code)
+        teacher = load_model_dir(args.distill, dtype=torch.float32, trust_remote_code=args.trust_remote_code)
     blocks = train.input_ids.shape[0]
     say(f"training {args.steps} step(s) on {train.tokens:,} tokens ({blocks} blocks), mode {args.mode}")
     t0 = time.perf_counter()
@@ -180,6 +191,8 @@ def run(args: argparse.Namespace) -> int:
         "source": str(src),
         "data": train.describe(),
         "distill_from": args.distill,
+        "train_dtype": "float32",
+        "saved_dtype": str(out_dtype).removeprefix("torch."),
         **training,
         "total_seconds": round(time.perf_counter() - t0, 3),
         "eval": None
@@ -203,6 +216,7 @@ def run(args: argparse.Namespace) -> int:
     report["groups"] = [g.to_dict() for g in plan.groups]
     report["warnings"] = [*report.get("warnings", []), note]
     report["healed"] = {k: heal_report[k] for k in ("mode", "steps", "lr", "lora_r", "distill", "seconds")}
+    model.to(device="cpu", dtype=out_dtype)
     with atomic_output_dir(out, overwrite=args.overwrite) as tmp:
         write_into(tmp, model, plan, source_dir=src, report=report)
         write_json(tmp / HEAL_REPORT_FILE, heal_report)
