@@ -100,8 +100,13 @@ def heal(
         torch.cuda.reset_peak_memory_stats(dev)
     curve: dict[str, list[float]] = {"loss": [], "lm_loss": [], "kl": []}
     trained.train()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc=f"heal ({mode})", unit="step", file=sys.stderr)
     t0 = time.perf_counter()
-    for step, batch in zip(range(steps), itertools.cycle(data)):
+    for batch in itertools.islice(itertools.cycle(data), steps):
         inputs = _inputs(batch, dev)
         logits = trained(**inputs).logits
         lm = _lm_loss(logits, inputs)
@@ -119,8 +124,11 @@ def heal(
         curve["lm_loss"].append(lm.item())
         if kl is not None:
             curve["kl"].append(kl.item())
-        if progress:
-            print(f"heal step {step + 1}/{steps}: loss {loss.item():.4f}", file=sys.stderr)
+        if bar is not None:
+            bar.set_postfix(loss=f"{curve['loss'][-1]:.4f}", refresh=False)
+            bar.update(1)
+    if bar is not None:
+        bar.close()
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     seconds = time.perf_counter() - t0

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -52,3 +55,143 @@ def test_heal_distillation_pulls_the_student_towards_the_teacher(dense_and_lord)
     report = heal(model, batches, steps=6, lr=1e-2, lora_r=4, distill_model=teacher, lm_weight=0.0)
     assert report["distill"] and len(report["kl"]) == 6
     assert report["kl"][-1] < report["kl"][0], report["kl"]
+
+
+# ---- the ``lord-export heal`` command, run as a real subprocess ----------------------------------------------------
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lord_export.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+DATA_OPTS = ("--calib-samples", "8", "--calib-seqlen", "32", "--batch-size", "4")
+
+
+@pytest.fixture(scope="module")
+def tiny_lord_dir(tiny_llama_dir, code_corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("heal") / "lord"
+    proc = run_cli("compress", str(tiny_llama_dir), str(out), "--calib", str(code_corpus), "--rank-reduction", "0.5",
+                   "--calib-samples", "16", "--calib-seqlen", "64", "-q")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def healed_dir(tiny_lord_dir, tiny_llama_dir, code_corpus, tmp_path_factory):
+    pytest.importorskip("peft")
+    out = tmp_path_factory.mktemp("healed") / "healed"
+    train = code_corpus / "json_encoder.py"
+    held_out = code_corpus / "textwrap.py"
+    proc = run_cli("heal", str(tiny_lord_dir), str(out), "--data", str(train), *DATA_OPTS, "--steps", "6",
+                   "--lr", "1e-2", "--lora-r", "4", "--eval", str(held_out), "--eval-window", "64",
+                   "--distill", str(tiny_llama_dir), "--device", "cpu")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote" in proc.stdout and "perplexity" in proc.stdout
+    return out
+
+
+def test_cli_heal_writes_a_healed_lord_directory(healed_dir, tiny_lord_dir):
+    names = {p.name for p in healed_dir.iterdir()}
+    assert {"config.json", "model.safetensors", "lord_plan.json", "report.json", "heal_report.json"} <= names
+    assert "tokenizer.json" in names
+    r = json.loads((healed_dir / "heal_report.json").read_text())
+    assert r["mode"] == "lora" and r["steps"] == 6 and len(r["loss"]) == 6 and r["distill"] and len(r["kl"]) == 6
+    assert r["seconds"] > 0 and r["peak_memory_bytes"] > 0 and r["device"] == "cpu"
+    ev = r["eval"]
+    assert ev["window"] == 64 and ev["before"]["perplexity"] > 1 and ev["after"]["perplexity"] > 1
+    assert ev["before"]["tokens"] == ev["after"]["tokens"] > 0
+    # the per-group errors were measured before healing: cleared, and the plan says why
+    plan = json.loads((healed_dir / "lord_plan.json").read_text())
+    old = json.loads((tiny_lord_dir / "lord_plan.json").read_text())
+    assert any(g["factorized"] for g in plan["groups"])
+    for g, o in zip(plan["groups"], old["groups"], strict=True):
+        assert (g["name"], g["rank"], g["factorized"]) == (o["name"], o["rank"], o["factorized"])
+        if g["factorized"]:
+            assert g["relative_error"] is None and o["relative_error"] is not None
+    assert any(w.startswith("healed") for w in plan["warnings"])
+    report = json.loads((healed_dir / "report.json").read_text())
+    assert all(g["relative_error"] is None for g in report["groups"] if g["factorized"]) and report["healed"]
+    # same structure, new weights
+    healed, lord = lord_export.load(healed_dir), lord_export.load(tiny_lord_dir)
+    assert _structure(healed) == _structure(lord)
+    ids = torch.tensor([[1, 5, 9, 30, 7]])
+    assert not torch.allclose(healed(ids).logits, lord(ids).logits)
+
+
+def test_cli_heal_factors_mode(tiny_lord_dir, code_corpus, tmp_path):
+    out = tmp_path / "healed"
+    proc = run_cli("heal", str(tiny_lord_dir), str(out), "--data", str(code_corpus), *DATA_OPTS, "--steps", "3",
+                   "--mode", "factors", "-q")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads((out / "heal_report.json").read_text())
+    assert r["mode"] == "factors" and r["lora_r"] is None and r["eval"] is None and len(r["loss"]) == 3
+    assert _structure(lord_export.load(out)) == _structure(lord_export.load(tiny_lord_dir))
+
+
+def test_healed_directory_exports_to_onnx_and_compiles(healed_dir, tiny_lord_dir, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from lord_export.export.dynamo import make_backend
+    from lord_export.export.onnx import export_onnx
+
+    healed_report = export_onnx(healed_dir, tmp_path / "onnx-healed")
+    lord_report = export_onnx(tiny_lord_dir, tmp_path / "onnx-lord")
+    assert healed_report["validation"]["passed"]
+    assert healed_report["bottleneck_matmuls"] == lord_report["bottleneck_matmuls"] > 0
+    assert healed_report["up_projection_matmuls"] == lord_report["up_projection_matmuls"]
+
+    model = lord_export.load(healed_dir)
+    ids = torch.tensor([[1, 5, 9, 30, 7, 11, 3]])
+    with torch.no_grad():
+        eager = model(ids).logits
+        compiled = torch.compile(model, backend=make_backend())(ids).logits
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
+def _bad(*args: str, out) -> subprocess.CompletedProcess:
+    proc = run_cli("heal", *args)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    return proc
+
+
+def test_cli_heal_refuses_a_dense_directory(tiny_llama_dir, code_corpus, tmp_path):
+    out = tmp_path / "o"
+    proc = _bad(str(tiny_llama_dir), str(out), "--data", str(code_corpus), out=out)
+    assert "dense model directory, not a LoRD one" in proc.stderr and "lord-export compress" in proc.stderr
+    assert not out.exists()
+
+
+def test_cli_heal_refuses_missing_or_empty_data(tiny_lord_dir, tmp_path):
+    out = tmp_path / "o"
+    proc = _bad(str(tiny_lord_dir), str(out), "--data", str(tmp_path / "nope.py"), out=out)
+    assert "--data" in proc.stderr and "does not exist" in proc.stderr
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.py").write_text("")
+    proc = _bad(str(tiny_lord_dir), str(out), "--data", str(tmp_path / "empty"), out=out)
+    assert "no non-empty text files" in proc.stderr
+    proc = _bad(str(tiny_lord_dir), str(out), "--data", str(tmp_path / "empty" / "a.py"), out=out)
+    assert "is empty" in proc.stderr
+    proc = _bad(str(tiny_lord_dir), str(out), out=out)  # no --data at all
+    assert "--data" in proc.stderr
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["empty"]
+
+
+@pytest.mark.parametrize("steps", ["0", "-3"])
+def test_cli_heal_refuses_non_positive_steps(tiny_lord_dir, code_corpus, tmp_path, steps):
+    out = tmp_path / "o"
+    proc = _bad(str(tiny_lord_dir), str(out), "--data", str(code_corpus), "--steps", steps, out=out)
+    assert "--steps" in proc.stderr and "positive integer" in proc.stderr
+    assert not out.exists()
+
+
+def test_cli_heal_refuses_an_existing_output_without_overwrite(tiny_lord_dir, code_corpus, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    proc = _bad(str(tiny_lord_dir), str(out), "--data", str(code_corpus), *DATA_OPTS, "--steps", "1", out=out)
+    assert "--overwrite" in proc.stderr
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and sorted(p.name for p in tmp_path.iterdir()) == ["o"]
+    proc = run_cli("heal", str(tiny_lord_dir), str(out), "--data", str(code_corpus), *DATA_OPTS, "--steps", "1",
+                   "--mode", "factors", "--overwrite", "-q")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "heal_report.json").is_file() and not (out / "keep.txt").exists()

@@ -12,11 +12,11 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import LordError, OutputExistsError, RemoteCodeError, UsageError
-from . import bench, compress, demo, evaluate, export, sweep
+from . import bench, compress, demo, evaluate, export, heal, sweep
 from .args import common_parser
 
 PROG = "lord-export"
-SUBCOMMANDS = (compress, export, evaluate, sweep, bench, demo)
+SUBCOMMANDS = (compress, heal, export, evaluate, sweep, bench, demo)
 
 #: Library errors whose fix is a flag: the CLI names the flag (the library only says what is wrong).
 FLAG_HINTS = {

@@ -1,0 +1,171 @@
+"""Peak CPU memory of the same LoRA fine-tune on a dense model and on its LoRD version.
+
+The LoRD paper's claim: LoRA on a LoRD model needs less memory than on the dense model (fewer
+frozen weights to hold; the optimizer state is the adapters' either way). Both runs are the same
+code in a FRESH subprocess each: PEFT LoRA (rank ``--lora-r``, alpha 2r, the same target names
+q/k/v/o/gate/up/down_proj — on the LoRD model they are LordLinear members, see
+lord_export.peft_support), AdamW, ``--steps`` steps on the same calibration-split batches, float32.
+Memory is ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` (peak resident set) read after the
+imports, after loading the model, and after training. The LoRD model is compressed and saved
+beforehand in the parent process, so compression does not count.
+
+    nice -n 10 python benchmarks/heal_memory.py [--model-dir DIR] [--rank-reduction 0.7] [--steps 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def maxrss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch
+
+    after_imports = maxrss_mib()
+    import itertools
+
+    from peft import LoraConfig, get_peft_model
+
+    import lord_export
+    from lord_export.data import batches, read_documents, tokenize_blocks
+    from lord_export.heal import _lm_loss
+    from lord_export.hf import load_dense, load_tokenizer
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    tok = load_tokenizer(args.model_dir)
+    files = [Path(p) for p in json.loads(args.files)]
+    ids, mask = tokenize_blocks(tok, read_documents(files), samples=args.blocks, seqlen=args.seqlen)
+    data = batches(ids, mask, args.batch_size)
+    before_load = maxrss_mib()
+    if args.worker == "dense":
+        model = load_dense(args.model_dir, dtype="float32")
+    else:
+        model = lord_export.load(args.lord_dir, dtype=torch.float32)
+    after_load = maxrss_mib()
+    model.config.use_cache = False
+    peft_model = get_peft_model(model, LoraConfig(target_modules=TARGETS, r=args.lora_r, lora_alpha=2 * args.lora_r))
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    peft_model.train()
+    t0 = time.perf_counter()
+    losses = []
+    for batch in itertools.islice(itertools.cycle(data), args.steps):
+        logits = peft_model(**batch).logits
+        loss = _lm_loss(logits, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    seconds = time.perf_counter() - t0
+    print(
+        json.dumps(
+            {
+                "model": args.worker,
+                "params": sum(p.numel() for p in model.parameters()),
+                "trainable_params": sum(p.numel() for p in params),
+                "weights_mib": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
+                "maxrss_mib_after_imports": round(after_imports, 1),
+                "maxrss_mib_before_load": round(before_load, 1),
+                "maxrss_mib_after_load": round(after_load, 1),
+                "maxrss_mib_peak": round(maxrss_mib(), 1),
+                "train_seconds": round(seconds, 2),
+                "first_loss": losses[0],
+                "last_loss": losses[-1],
+            }
+        )
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model-dir", default=None, help="dense model directory (default: the shipped reference model)")
+    ap.add_argument("--rank-reduction", type=float, default=0.7)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--seqlen", type=int, default=256)
+    ap.add_argument("--blocks", type=int, default=64)
+    ap.add_argument("--lora-r", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="benchmarks/results/heal_memory.json")
+    ap.add_argument("--worker", choices=["dense", "lord"], help=argparse.SUPPRESS)
+    ap.add_argument("--lord-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--files", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        worker(args)
+        return
+
+    import torch
+
+    import lord_export
+    from lord_export.data import batches, read_documents, tokenize_blocks
+    from lord_export.hf import load_dense, load_tokenizer
+    from lord_export.reference import reference_model_dir, split_texts
+
+    model_dir = Path(args.model_dir) if args.model_dir else reference_model_dir()
+    files = [str(p) for p in split_texts("calib")]
+    tok = load_tokenizer(model_dir)
+    ids, mask = tokenize_blocks(tok, read_documents(files), samples=128, seqlen=args.seqlen)
+    model = load_dense(model_dir, dtype="float32")
+    torch.set_num_threads(args.threads)
+    plan = lord_export.compress(model, batches(ids, mask, 16), rank_reduction=args.rank_reduction)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        lord_dir = Path(tmp) / "lord"
+        lord_export.save_compressed(model, plan, lord_dir)
+        del model
+        common = ["--model-dir", str(model_dir), "--lord-dir", str(lord_dir), "--files", json.dumps(files)]
+        common += ["--steps", str(args.steps), "--batch-size", str(args.batch_size), "--seqlen", str(args.seqlen)]
+        common += ["--blocks", str(args.blocks), "--lora-r", str(args.lora_r), "--threads", str(args.threads)]
+        for which in ("dense", "lord"):
+            proc = subprocess.run(
+                [sys.executable, __file__, "--worker", which, *common], capture_output=True, text=True, check=False
+            )
+            if proc.returncode != 0:
+                raise SystemExit(f"{which} worker failed:\n{proc.stderr[-3000:]}")
+            row = json.loads(proc.stdout.strip().splitlines()[-1])
+            results.append(row)
+            print(
+                f"{which:5}: {row['params']:,} params ({row['weights_mib']:.1f} MiB), "
+                f"{row['trainable_params']:,} trainable; peak RSS {row['maxrss_mib_peak']:.1f} MiB "
+                f"(after load {row['maxrss_mib_after_load']:.1f}, "
+                f"after imports {row['maxrss_mib_after_imports']:.1f}); "
+                f"{args.steps} steps in {row['train_seconds']:.1f} s",
+                flush=True,
+            )
+    dense, lord = results
+    out = {
+        "model": str(model_dir),
+        "rank_reduction": args.rank_reduction,
+        "lora": {"r": args.lora_r, "alpha": 2 * args.lora_r, "targets": TARGETS},
+        "steps": args.steps,
+        "batch": f"{args.batch_size} x {args.seqlen}",
+        "threads": args.threads,
+        "dtype": "float32",
+        "measure": "resource.getrusage(RUSAGE_SELF).ru_maxrss, fresh subprocess per model",
+        "runs": results,
+        "peak_rss_ratio_lord_over_dense": lord["maxrss_mib_peak"] / dense["maxrss_mib_peak"],
+        "peak_rss_saved_mib": dense["maxrss_mib_peak"] - lord["maxrss_mib_peak"],
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    print(
+        f"LoRD / dense peak RSS: {out['peak_rss_ratio_lord_over_dense']:.3f} ({out['peak_rss_saved_mib']:.1f} MiB less)"
+    )
+
+
+if __name__ == "__main__":
+    main()
