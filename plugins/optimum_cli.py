@@ -23,7 +23,9 @@ LORD_GROUP = "LoRD compression (lord_export)"
 
 
 def add_lord_arguments(parser: argparse.ArgumentParser) -> None:
-    from lord_export.cli.args import positive_int, rank_reduction  # the same checks as lord-export's flags
+    from lord_export.allocate import ALLOCATIONS, DEFAULT_ALLOCATION
+    from lord_export.cli.args import override, param_ratio, positive_int, rank_reduction  # lord-export's checks
+    from lord_export.config import CALIBRATION_MODES, DEFAULT_CALIBRATION
 
     g = parser.add_argument_group(
         LORD_GROUP,
@@ -37,6 +39,26 @@ def add_lord_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="R",
         help="compress with LoRD before exporting: fraction of each layer group's full rank "
         "min(sum d_out, d_in) removed, in [0, 1). Needs --lord-calib.",
+    )
+    g.add_argument(
+        "--lord-param-ratio",
+        type=param_ratio,
+        default=None,
+        metavar="P",
+        help="compress with LoRD to this fraction of the whole model's parameters, in (0, 1], ranks per group "
+        "chosen by --lord-allocation (instead of --lord-rank-reduction). Needs --lord-calib.",
+    )
+    g.add_argument("--lord-allocation", choices=ALLOCATIONS, default=DEFAULT_ALLOCATION, help="see lord-export")
+    g.add_argument(
+        "--lord-override",
+        action="append",
+        type=override,
+        default=None,
+        metavar="PATTERN=VALUE",
+        help="per-layer rank reduction or 'dense' (repeatable), e.g. 're:.*o_proj$=dense'",
+    )
+    g.add_argument(
+        "--lord-calibration", choices=CALIBRATION_MODES, default=DEFAULT_CALIBRATION, help="see lord-export compress"
     )
     g.add_argument(
         "--lord-calib",
@@ -116,7 +138,8 @@ def install() -> None:
         return result
 
     def run(self: Any) -> Any:
-        if getattr(self.args, "lord_rank_reduction", None) is None and getattr(self.args, "lord_plan", None) is None:
+        wanted = ("lord_rank_reduction", "lord_param_ratio", "lord_plan")
+        if all(getattr(self.args, name, None) is None for name in wanted):
             return upstream_run(self)
         return run_with_lord(self, upstream_run)
 
@@ -136,8 +159,9 @@ def check_args(args: argparse.Namespace) -> None:
     from lord_export.data import text_files
     from lord_export.errors import UsageError
 
-    if args.lord_plan is not None and args.lord_rank_reduction is not None:
-        fail("use either --lord-rank-reduction (calibrate here) or --lord-plan (an existing plan), not both")
+    sizes = [f for f in ("lord_rank_reduction", "lord_param_ratio", "lord_plan") if getattr(args, f) is not None]
+    if len(sizes) > 1:
+        fail("use one of --lord-rank-reduction, --lord-param-ratio (calibrate here) or --lord-plan (an existing plan)")
     if args.lord_plan is not None:
         if not (Path(args.lord_plan) / "lord_plan.json").is_file():
             fail(
@@ -146,7 +170,7 @@ def check_args(args: argparse.Namespace) -> None:
             )
         return
     if not args.lord_calib:
-        fail("--lord-rank-reduction needs calibration data: pass --lord-calib PATH (repeat the flag for more)")
+        fail("compressing needs calibration data: pass --lord-calib PATH (repeat the flag for more)")
     try:
         text_files(args.lord_calib)
     except UsageError as e:
@@ -174,6 +198,10 @@ def compress_for_export(model: Any, args: argparse.Namespace) -> dict[str, Any]:
     data = [{k: v.to(device) for k, v in b.items()} for b in calib_set.batches()]
     config = le.LordConfig(
         rank_reduction=args.lord_rank_reduction,
+        param_ratio=args.lord_param_ratio,
+        allocation=args.lord_allocation,
+        overrides=dict(args.lord_override or []),
+        calibration=args.lord_calibration,
         method=args.lord_method,
         targets=tuple(args.lord_targets or ["all"]),
         exclude=tuple(args.lord_exclude or []),

@@ -207,6 +207,8 @@ def test_bad_input_exits_nonzero_and_leaves_nothing(models, code_corpus, tmp_pat
     cases = [
         (["--lord-rank-reduction", "1.5", "--lord-calib", str(code_corpus)], "must be in [0, 1)"),
         (["--lord-rank-reduction", "0.3"], "needs calibration data"),
+        (["--lord-param-ratio", "0.8", "--lord-rank-reduction", "0.3", "--lord-calib", str(code_corpus)], "use one of"),
+        (["--lord-param-ratio", "1.5", "--lord-calib", str(code_corpus)], "(0, 1]"),
         (["--lord-rank-reduction", "0.3", "--lord-calib", str(tmp_path / "missing")], "does not exist"),
         (["--lord-plan", str(tmp_path / "gpt2-plan")], "does not fit this model"),
     ]
