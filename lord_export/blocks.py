@@ -100,7 +100,8 @@ class _Caught(Exception):
     """Raised by the pre-hook of block 0 to stop the model's forward once its inputs are recorded."""
 
 
-def _accepts(fn: Any, name: str) -> bool:
+def accepts_argument(fn: Any, name: str) -> bool:
+    """Whether ``fn`` takes a keyword argument ``name`` (explicitly or through ``**kwargs``)."""
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
@@ -128,7 +129,7 @@ def capture_block_inputs(
         caught["hidden"], caught["args"], caught["kwargs"] = hidden.detach(), rest, kwargs
         raise _Caught
 
-    use_cache = _accepts(model.forward, "use_cache")
+    use_cache = accepts_argument(model.forward, "use_cache")
     hiddens: list[torch.Tensor] = []
     calls: list[BlockCall] = []
     handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)

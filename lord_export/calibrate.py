@@ -84,8 +84,9 @@ class InputStats:
 def select_tokens(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
     """The (tokens, d) rows of activation ``x`` at positions where ``mask`` is 1.
 
-    Returns None when ``x`` does not line up with the (batch, tokens) ``mask``; without a mask
-    every position is a row.
+    A (batch, d) input (one vector per sequence, e.g. BERT's pooler) keeps every row. Returns None
+    when ``x`` does not line up with the (batch, tokens) ``mask``; without a mask every position is
+    a row.
     """
     x = x.detach()
     if mask is None:
@@ -94,6 +95,8 @@ def select_tokens(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | 
         return x[mask[:, -x.shape[1] :].to(x.device).bool()]
     if x.dim() == 2 and x.shape[0] == mask.numel():
         return x[mask.reshape(-1).to(x.device).bool()]
+    if x.dim() == 2 and x.shape[0] == mask.shape[0]:
+        return x  # one vector per sequence (a pooler or classification head): every row is real
     return None
 
 

@@ -390,9 +390,9 @@ def _output_structure(block: nn.Module, hidden: torch.Tensor, call: BlockCall) -
 
 
 def _no_cache(model: nn.Module) -> dict:
-    from .blocks import _accepts
+    from .blocks import accepts_argument
 
-    return {"use_cache": False} if _accepts(model.forward, "use_cache") else {}
+    return {"use_cache": False} if accepts_argument(model.forward, "use_cache") else {}
 
 
 class _Replay(nn.Module):

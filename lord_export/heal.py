@@ -56,6 +56,9 @@ def heal(
 ) -> dict[str, Any]:
     """Fine-tune the LoRD ``model`` IN PLACE for ``steps`` optimizer steps (AdamW); return a report.
 
+    One training loop with its setup and teardown (adapters added, then merged back) kept together,
+    hence the length.
+
     ``batches`` (dicts of model kwargs with ``input_ids``, or input_ids tensors) are cycled. The
     report holds the loss curve (``loss``; ``lm_loss`` and ``kl`` per step), ``seconds``,
     ``peak_memory_bytes`` (CUDA peak allocated on a CUDA device, else the process's peak RSS) and

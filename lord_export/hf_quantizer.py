@@ -140,6 +140,9 @@ def plan_from_model_dir(path: str | Path) -> Any | None:
 
 # --------------------------------------------------------------------------- transformers classes
 def _build_classes() -> dict[str, type]:
+    """The config and quantizer classes, defined here because their bases are transformers classes
+    (imported only on registration); one function holds both class bodies, hence its length."""
+
     from transformers.quantizers.base import HfQuantizer
     from transformers.utils.quantization_config import QuantizationConfigMixin
 

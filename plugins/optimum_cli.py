@@ -23,6 +23,7 @@ LORD_GROUP = "LoRD compression (lord_export)"
 
 
 def add_lord_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``--lord-*`` flags (a flat list of declarations, hence the length)."""
     from lord_export.allocate import ALLOCATIONS, DEFAULT_ALLOCATION
     from lord_export.cli.args import override, param_ratio, positive_int, rank_reduction  # lord-export's checks
     from lord_export.config import CALIBRATION_MODES, DEFAULT_CALIBRATION

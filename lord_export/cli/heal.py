@@ -88,32 +88,16 @@ def mark_healed(plan, note: str) -> None:
     plan.warnings.append(note)
 
 
-def run(args: argparse.Namespace) -> int:
-    import json
-    import time
+def check_heal_args(args: argparse.Namespace) -> tuple:
+    """Everything cheap, checked before anything heavy is loaded: (LoRD dir, output, device, lr)."""
     from pathlib import Path
 
-    import torch
-
-    from ..data import calibration_set, evaluation_windows, resolve_seqlen, text_files
+    from ..data import text_files
     from ..device import resolve_device
     from ..errors import OutputExistsError, UsageError
-    from ..heal import heal
-    from ..hf import check_model_dir, load_tokenizer, max_positions, pad_token_id
-    from ..io import (
-        REPORT_FILE,
-        atomic_output_dir,
-        is_lord_dir,
-        load,
-        load_model_dir,
-        read_plan,
-        write_into,
-        write_json,
-    )
-    from ..measure.evaluate import perplexity
-    from .args import calibration_options
+    from ..hf import check_model_dir
+    from ..io import is_lord_dir
 
-    # Everything cheap is checked before anything heavy is loaded; nothing is written until the end.
     src = check_model_dir(args.lord_dir)
     if not is_lord_dir(src):
         raise UsageError(
@@ -141,6 +125,25 @@ def run(args: argparse.Namespace) -> int:
             import peft  # noqa: F401
         except ImportError:
             raise UsageError("--mode lora needs the 'peft' package; install it or use --mode factors") from None
+    return src, out, device, lr
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load, evaluate, train, evaluate, save — one sequence kept in one function on purpose (each step
+    uses the previous one's objects; splitting it only moves the locals into arguments)."""
+    import json
+    import time
+
+    import torch
+
+    from ..data import calibration_set, evaluation_windows, resolve_seqlen
+    from ..heal import heal
+    from ..hf import load_tokenizer, max_positions, pad_token_id
+    from ..io import REPORT_FILE, atomic_output_dir, load, load_model_dir, read_plan, write_into, write_json
+    from ..measure.evaluate import perplexity
+    from .args import calibration_options
+
+    src, out, device, lr = check_heal_args(args)
     say = (lambda msg: None) if args.quiet else (lambda msg: print(f"heal: {msg}", file=sys.stderr, flush=True))
 
     tokenizer = load_tokenizer(src, trust_remote_code=args.trust_remote_code)

@@ -284,6 +284,8 @@ def evaluate_humaneval(
 ) -> dict[str, Any]:
     """HumanEval pass@k of a dense or LoRD model directory; a JSON-able dict with per-problem results.
 
+    Long because it lists every setting of the run in its result (what reproduces the number).
+
     Refuses (UsageError) before loading anything unless ``allow_code_execution``. ``model`` /
     ``tokenizer`` may be passed already loaded (``model_dir`` then only labels the result).
     """

@@ -253,6 +253,9 @@ def run_program(
 ) -> Outcome:
     """Run ``source`` in a sandboxed subprocess (see the module docstring); never raises for what it does.
 
+    One function on purpose: the steps that set up the isolation (directory, user, limits, process
+    group) and the ones that tear it down must be read together to check the security boundary.
+
     ``timeout`` is wall-clock seconds; ``cpu_seconds`` defaults to ``timeout`` rounded up, plus one.
     ``drop_privileges`` (default: when running as root) runs the program as a throwaway uid.
     """
