@@ -53,6 +53,15 @@ _lock = threading.RLock()
 _classes: dict[str, type] = {}
 
 
+class QuantMethod(str):
+    """The method name as transformers reads it: a string that also has the ``.value`` of the enum
+    members transformers' own configs use (transformers < 4.50 reads ``quant_method.value``)."""
+
+    @property
+    def value(self) -> str:
+        return str(self)
+
+
 # --------------------------------------------------------------------------- plan <-> config dict
 def quantization_config_from_plan(plan: Any) -> dict[str, Any]:
     """The ``quantization_config`` entry of config.json for ``plan`` (factorized groups only)."""
@@ -158,7 +167,7 @@ def _build_classes() -> dict[str, type]:
             **kwargs: Any,
         ) -> None:
             kwargs.pop("quant_method", None)
-            self.quant_method = QUANT_METHOD
+            self.quant_method = QuantMethod(QUANT_METHOD)
             self.format_version = format_version
             self.lord_export_version = lord_export_version
             self.lord_config = dict(lord_config or {})
