@@ -65,6 +65,13 @@ def load_setting(name: str, model_dir: str | None, eval_tokens: int):
     return src, calib, windows, pad_token_id(tok)
 
 
+def _relative(path: Path) -> str:
+    """``path`` relative to the repository (no machine paths in recorded results)."""
+    import os
+
+    return os.path.relpath(Path(path).absolute(), ROOT)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", choices=["stories260k", "reference", "smollm2"])
