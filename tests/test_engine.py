@@ -37,8 +37,16 @@ BLOCK_PATHS = {
 }
 
 
+CLI = [sys.executable, "-m", "lord_export.cli"]
+
+
+def compress_cmd(model_dir, out, corpus, *extra) -> list[str]:
+    """``lord-export compress`` of ``model_dir`` at rank reduction 0.5 with ``extra`` flags."""
+    return [*CLI, "compress", str(model_dir), str(out), "--calib", str(corpus), "--rank-reduction", "0.5", *extra]
+
+
 def run_cli(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "lord_export.cli", *args], capture_output=True, text=True, **kw)
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, **kw)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -313,23 +321,7 @@ def test_a_write_that_fails_midway_leaves_no_output(tiny_llama_dir, code_corpus,
         resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
 
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lord_export.cli",
-            "compress",
-            str(tiny_llama_dir),
-            str(out),
-            "--calib",
-            str(code_corpus),
-            "--rank-reduction",
-            "0.5",
-            "--calib-samples",
-            "4",
-            "--calib-seqlen",
-            "32",
-            "-q",
-        ],
+        compress_cmd(tiny_llama_dir, out, code_corpus, "--calib-samples", "4", "--calib-seqlen", "32", "-q"),
         capture_output=True,
         text=True,
         timeout=300,
@@ -341,27 +333,9 @@ def test_a_write_that_fails_midway_leaves_no_output(tiny_llama_dir, code_corpus,
 
 def test_an_interrupted_run_leaves_no_output(tiny_llama_dir, code_corpus, tmp_path):
     out = tmp_path / "lord"
+    extra = ("--calibration", "compensating", "--calib-samples", "128", "--calib-seqlen", "128", "--batch-size", "1")
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "lord_export.cli",
-            "compress",
-            str(tiny_llama_dir),
-            str(out),
-            "--calib",
-            str(code_corpus),
-            "--rank-reduction",
-            "0.5",
-            "--calibration",
-            "compensating",
-            "--calib-samples",
-            "64",
-            "--calib-seqlen",
-            "128",
-            "--batch-size",
-            "1",
-        ],
+        compress_cmd(tiny_llama_dir, out, code_corpus, *extra),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
