@@ -47,6 +47,9 @@ def main() -> None:
     ap.add_argument("--lr-lora", type=float, default=LR["lora"])
     ap.add_argument("--lr-factors", type=float, default=LR["factors"])
     ap.add_argument("--settings", nargs="+", default=["lora", "factors", "lora+distill", "factors+distill"])
+    ap.add_argument("--warmup-steps", type=int, default=None, help="default: a tenth of --steps")
+    ap.add_argument("--schedule", choices=["cosine", "constant"], default="cosine")
+    ap.add_argument("--lm-weight", type=float, default=1.0, help="weight of the LM loss with distillation (0: pure KL)")
     ap.add_argument("--eval-tokens", type=int, default=65536)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/results/heal_recovery.json")
@@ -106,6 +109,9 @@ def main() -> None:
             lora_r=args.lora_r,
             mode=mode,
             distill_model=dense if extra == "distill" else None,
+            lm_weight=args.lm_weight if extra == "distill" else 1.0,
+            warmup_steps=args.warmup_steps,
+            schedule=args.schedule,
         )
         p = ppl(model)
         recovered = (p_lord - p) / (p_lord - p_dense)
@@ -115,6 +121,9 @@ def main() -> None:
             "distill": extra == "distill",
             "steps": args.steps,
             "lr": lr,
+            "schedule": rep["schedule"],
+            "warmup_steps": rep["warmup_steps"],
+            "lm_weight": args.lm_weight if extra == "distill" else 1.0,
             "lora_r": args.lora_r if mode == "lora" else None,
             "batch": f"{args.batch_size} x 256",
             "trainable_params": rep["trainable_params"],

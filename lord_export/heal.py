@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import resource
 import sys
 import time
@@ -37,6 +38,20 @@ from .modules import LordBottleneck, LordLinear
 log = logging.getLogger(__name__)
 
 MODES = ("lora", "factors")
+SCHEDULES = ("cosine", "constant")
+
+
+def lr_factor(step: int, steps: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the base learning rate at optimizer step ``step`` (0-based): a linear warmup over
+    ``warmup`` steps (AdamW's first updates are sign-like, every weight moves by about lr, which
+    is what undid the closed-form factors in the first heal runs), then constant or a cosine decay
+    to zero at ``steps``."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def heal(
@@ -51,6 +66,9 @@ def heal(
     distill_weight: float = 1.0,
     lm_weight: float = 1.0,
     temperature: float = 1.0,
+    warmup_steps: int | None = None,
+    schedule: str = "cosine",
+    max_grad_norm: float | None = 1.0,
     device: str | torch.device | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
@@ -63,11 +81,18 @@ def heal(
     report holds the loss curve (``loss``; ``lm_loss`` and ``kl`` per step), ``seconds``,
     ``peak_memory_bytes`` (CUDA peak allocated on a CUDA device, else the process's peak RSS) and
     the trainable parameter count. The model is left in eval mode, on ``device`` if given.
+    The learning rate follows :func:`lr_factor` (``warmup_steps`` default: a tenth of ``steps``);
+    gradients are clipped to ``max_grad_norm`` (None: no clipping).
     """
     if mode not in MODES:
         raise UsageError(f"heal mode must be one of {MODES}, got {mode!r}")
     if steps < 1 or lr <= 0:
         raise UsageError(f"heal needs steps >= 1 and lr > 0 (got steps={steps}, lr={lr})")
+    if schedule not in SCHEDULES:
+        raise UsageError(f"heal schedule must be one of {SCHEDULES}, got {schedule!r}")
+    warmup = steps // 10 if warmup_steps is None else warmup_steps
+    if not 0 <= warmup < steps:
+        raise UsageError(f"heal needs 0 <= warmup_steps < steps (got warmup_steps={warmup}, steps={steps})")
     members = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, LordLinear)})
     if not members:
         raise UsageError("the model has no LoRD layers to heal; compress it (or load a compressed one) first")
@@ -98,6 +123,7 @@ def heal(
                 m.requires_grad_(True)
     params = [p for p in trained.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(i, steps, warmup, schedule))
 
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -122,7 +148,10 @@ def heal(
             loss = lm_weight * lm + distill_weight * kl
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         optimizer.step()
+        scheduler.step()
         curve["loss"].append(loss.item())
         curve["lm_loss"].append(lm.item())
         if kl is not None:
@@ -151,6 +180,9 @@ def heal(
         "mode": mode,
         "steps": steps,
         "lr": lr,
+        "schedule": schedule,
+        "warmup_steps": warmup,
+        "max_grad_norm": max_grad_norm,
         "lora_r": lora_r if mode == "lora" else None,
         "distill": distill_model is not None,
         "trainable_params": sum(p.numel() for p in params),

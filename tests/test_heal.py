@@ -37,7 +37,8 @@ def test_heal_lowers_loss_and_keeps_structure(dense_and_lord, mode, tmp_path):
     model = copy.deepcopy(lord)
     before = _structure(model)
     batches = correlated_batches(n_batches=2, batch=4, seq=32, seed=7)
-    report = heal(model, batches, steps=8, lr=1e-2, lora_r=4, mode=mode)
+    # constant rate: a cosine decay over 8 steps leaves too few full-rate steps for a clear drop
+    report = heal(model, batches, steps=8, lr=1e-2, lora_r=4, mode=mode, schedule="constant")
     assert report["last_loss"] < report["first_loss"] - 0.05, report["loss"]
     assert len(report["loss"]) == 8 and report["seconds"] > 0 and report["peak_memory_bytes"] > 0
     assert _structure(model) == before
@@ -55,6 +56,20 @@ def test_heal_distillation_pulls_the_student_towards_the_teacher(dense_and_lord)
     report = heal(model, batches, steps=6, lr=1e-2, lora_r=4, distill_model=teacher, lm_weight=0.0)
     assert report["distill"] and len(report["kl"]) == 6
     assert report["kl"][-1] < report["kl"][0], report["kl"]
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    from lord_export.heal import lr_factor
+
+    warm = [lr_factor(i, 100, 10, "cosine") for i in range(10)]
+    assert warm == sorted(warm) and warm[0] < 0.1 and warm[-1] < 1.0
+    assert lr_factor(10, 100, 10, "cosine") == pytest.approx(1.0)
+    decay = [lr_factor(i, 100, 10, "cosine") for i in range(10, 100)]
+    assert decay == sorted(decay, reverse=True) and decay[-1] < 1e-3
+    assert lr_factor(55, 100, 10, "cosine") == pytest.approx(0.5)
+    assert [lr_factor(i, 100, 0, "constant") for i in (0, 50, 99)] == [1.0, 1.0, 1.0]
+    with pytest.raises(lord_export.UsageError, match="warmup_steps"):
+        heal(torch.nn.Linear(2, 2), [torch.zeros(1, 2, dtype=torch.long)], steps=4, lr=1e-3, warmup_steps=4)
 
 
 # ---- the ``lord-export heal`` command, run as a real subprocess ----------------------------------------------------
@@ -181,6 +196,13 @@ def test_cli_heal_refuses_non_positive_steps(tiny_lord_dir, code_corpus, tmp_pat
     out = tmp_path / "o"
     proc = _bad(str(tiny_lord_dir), str(out), "--data", str(code_corpus), "--steps", steps, out=out)
     assert "--steps" in proc.stderr and "positive integer" in proc.stderr
+    assert not out.exists()
+
+
+def test_cli_heal_refuses_warmup_not_below_steps(tiny_lord_dir, code_corpus, tmp_path):
+    out = tmp_path / "o"
+    proc = _bad(str(tiny_lord_dir), str(out), "--data", str(code_corpus), "--steps", "5", "--warmup-steps", "5", out=out)
+    assert "--warmup-steps" in proc.stderr
     assert not out.exists()
 
 

@@ -46,6 +46,19 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
         default=None,
         help=f"learning rate (default: {DEFAULT_LR['lora']:g} for lora, {DEFAULT_LR['factors']:g} for factors)",
     )
+    t.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="linear learning-rate warmup steps (default: a tenth of --steps)",
+    )
+    t.add_argument(
+        "--schedule",
+        choices=["cosine", "constant"],
+        default="cosine",
+        help="learning rate after the warmup: cosine decay to zero, or constant",
+    )
     t.add_argument("--mode", choices=["lora", "factors"], default="lora", help="what is trained")
     t.add_argument("--lora-r", type=positive_int, default=8, metavar="R", help="LoRA rank (--mode lora)")
     t.add_argument(
@@ -120,6 +133,8 @@ def check_heal_args(args: argparse.Namespace) -> tuple:
             raise UsageError(f"{flag}: {err}") from None
     device = resolve_device(args.device)
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.mode]
+    if args.warmup_steps is not None and not 0 <= args.warmup_steps < args.steps:
+        raise UsageError(f"--warmup-steps must be in [0, --steps) (got {args.warmup_steps}, --steps {args.steps})")
     if args.mode == "lora":
         try:
             import peft  # noqa: F401
@@ -185,6 +200,8 @@ def run(args: argparse.Namespace) -> int:
         distill_model=teacher,
         distill_weight=args.distill_weight,
         lm_weight=args.lm_weight,
+        warmup_steps=args.warmup_steps,
+        schedule=args.schedule,
         device=device,
         progress=not args.quiet,
     )
