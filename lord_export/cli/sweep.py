@@ -52,7 +52,68 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
     )
     w.add_argument("--window", type=positive_int, default=512, help="evaluation window (tokens)")
     w.add_argument("--out", required=True, metavar="DIR", help="output directory (created; files replaced)")
+    h = w.add_argument_group("HumanEval side by side (needs lord_export[humaneval])")
+    h.add_argument(
+        "--humaneval",
+        action="store_true",
+        help="also measure greedy HumanEval pass@1 of the dense model and every setting (humaneval.json)",
+    )
+    h.add_argument(
+        "--allow-code-execution",
+        action="store_true",
+        help="run the model-written programs (sandboxed subprocesses; --humaneval is refused without it)",
+    )
+    h.add_argument("--humaneval-limit", type=positive_int, default=None, metavar="N", help="only the first N problems")
+    h.add_argument(
+        "--humaneval-max-new-tokens", type=positive_int, default=256, metavar="N", help="tokens per completion"
+    )
     w.set_defaults(func=run)
+
+
+def humaneval_runner(args: argparse.Namespace, tokenizer, device, results: dict):
+    """The ``humaneval`` callable of :func:`~lord_export.measure.sweep.run_sweep`; keeps every result."""
+    from ..measure.humaneval import evaluate_humaneval
+
+    def run_one(model, label: str) -> dict:
+        results[label] = evaluate_humaneval(
+            label,
+            model=model,
+            tokenizer=tokenizer,
+            limit=args.humaneval_limit,
+            max_new_tokens=args.humaneval_max_new_tokens,
+            batch_size=args.batch_size,
+            allow_code_execution=True,
+            device=device,
+            progress=not args.quiet,
+        )
+        return results[label]
+
+    return run_one
+
+
+def write_humaneval(out_dir, results: dict) -> str:
+    """humaneval.json (every result, and each setting against dense) and a side-by-side text table."""
+    from ..io import write_json
+    from ..measure.humaneval import compare_table
+
+    dense = results["dense"]
+    lines = [
+        f"HumanEval pass@1 ({dense['problems']} problems, greedy)",
+        f"  {'dense':40} {dense['pass_at_k']['pass@1']:.4f}",
+    ]
+    comparisons = {}
+    for label, res in results.items():
+        if label == "dense":
+            continue
+        _, summary = compare_table(dense, res)
+        comparisons[label] = summary
+        a = summary["agreement"]
+        lines.append(
+            f"  {label:40} {res['pass_at_k']['pass@1']:.4f}  ({summary['delta']['pass@1']:+.4f}; solved by both "
+            f"{a['both']}, dense only {a['dense_only']}, this only {a['lord_only']})"
+        )
+    write_json(out_dir / "humaneval.json", {"comparisons": comparisons, "results": results})
+    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -82,6 +143,12 @@ def run(args: argparse.Namespace) -> int:
     bad = [c for c in calibrations if c not in CALIBRATION_MODES]
     if bad or not calibrations:
         raise UsageError(f"unknown calibration mode(s) {bad}; choose from {', '.join(CALIBRATION_MODES)}")
+    if args.humaneval:
+        from ..measure.humaneval import EXECUTION_REFUSED, load_problems
+
+        if not args.allow_code_execution:
+            raise UsageError(EXECUTION_REFUSED)
+        load_problems(args.humaneval_limit)  # the package is there, before any model work
     device = resolve_device(args.device)
     if args.calib_separator is None:
         args.calib_separator = args.separator
@@ -90,6 +157,8 @@ def run(args: argparse.Namespace) -> int:
     calib_set = calibration_set(tokenizer, args.calib, calibration_options(args), max_positions=limit)
     windows = evaluation_windows(tokenizer, args.eval_data, args.window, separator=args.separator, max_positions=limit)
     model = load_dense(src).to(device)
+    he_results: dict = {}
+    he = humaneval_runner(args, tokenizer, device, he_results) if args.humaneval else None
     baseline, rows, parity = run_sweep(
         model,
         calib_set.batches(),
@@ -104,12 +173,17 @@ def run(args: argparse.Namespace) -> int:
         device=device,
         pad_id=pad_token_id(tokenizer),
         progress=not args.quiet,
+        humaneval=he,
     )
     write_sweep(Path(args.out), baseline, rows, parity)
     print(f"dense: perplexity {baseline['perplexity']:.4f}, {baseline['params']:,} parameters")
-    print(f"{'setting':34} {'targets':9} {'size':>9} {'params':>10} {'ratio':>6} {'ppl':>9}")
+    he_head = f" {'pass@1':>7}" if he is not None else ""
+    print(f"{'setting':34} {'targets':9} {'size':>9} {'params':>10} {'ratio':>6} {'ppl':>9}{he_head}")
     for r in rows:
         size = f"R={r.rank_reduction:g}" if r.param_ratio is None else f"P={r.param_ratio:g}"
-        print(f"{r.label:34} {r.targets:9} {size:>9} {r.params:10,d} {r.params_ratio:6.3f} {r.perplexity:9.4f}")
-    print(f"wrote {args.out}/sweep.csv, sweep.json and 3 plots")
+        cells = f"{r.label:34} {r.targets:9} {size:>9} {r.params:10,d} {r.params_ratio:6.3f} {r.perplexity:9.4f}"
+        print(cells + (f" {r.humaneval_pass1:7.4f}" if r.humaneval_pass1 is not None else ""))
+    if he is not None:
+        print(write_humaneval(Path(args.out), he_results))
+    print(f"wrote {args.out}/sweep.csv, sweep.json{', humaneval.json' if he else ''} and 3 plots")
     return 0

@@ -293,7 +293,7 @@ def evaluate_humaneval(
         raise UsageError(EXECUTION_REFUSED)
     from .. import hf
     from ..device import resolve_device
-    from ..io import is_lord_dir
+    from ..modules import LordLinear
 
     problems = load_problems(limit)
     device = resolve_device(device)
@@ -347,7 +347,7 @@ def evaluate_humaneval(
     return {
         "benchmark": "humaneval",
         "model_dir": str(model_dir),
-        "lord": is_lord_dir(model_dir),
+        "lord": any(isinstance(m, LordLinear) for m in model.modules()),
         "problems": len(problems),
         "pass_at_k": score(outcomes, ks),
         "settings": {

@@ -13,7 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ class SweepRow:
     calibration: str = "independent"
     param_ratio: float | None = None
     allocation: str | None = None
+    humaneval_pass1: float | None = None
 
     @property
     def label(self) -> str:
@@ -70,8 +71,13 @@ def run_sweep(
     pad_id: int = 0,
     device: str | None = None,
     progress: bool = False,
+    humaneval: Callable[[nn.Module, str], dict[str, Any]] | None = None,
 ) -> tuple[dict[str, Any], list[SweepRow], list[dict[str, Any]]]:
     """Return (dense baseline, rows, parity points). ``model`` is not modified.
+
+    ``humaneval(model, label)``, when given, is called on the dense model (label ``"dense"``) and on
+    every setting's model and returns an :func:`~lord_export.measure.humaneval.evaluate_humaneval`
+    result; its pass@1 lands in the baseline and the rows (``humaneval_pass1``).
 
     Settings are methods × calibration modes × targets × (rank reductions, and parameter ratios ×
     allocations); independent settings share one calibration and budget settings one survey
@@ -80,6 +86,8 @@ def run_sweep(
     dense_params = count_parameters(model)
     base = perplexity(model, eval_windows, batch_size=batch_size, pad_id=pad_id)
     baseline = {"params": dense_params, **base.to_dict()}
+    if humaneval is not None:
+        baseline["humaneval_pass1"] = humaneval(model, "dense")["pass_at_k"]["pass@1"]
     configs = [
         LordConfig(rank_reduction=r, method=m, targets=(t,), calibration=c)
         for m in methods
@@ -119,9 +127,17 @@ def run_sweep(
                 config.allocation if config.param_ratio is not None else None,
             )
         )
+        if humaneval is not None:
+            rows[-1].humaneval_pass1 = humaneval(work, setting_name(rows[-1]))["pass_at_k"]["pass@1"]
         shapes.update({g.name: (g.d_out, g.d_in) for g in plan.groups})
         log.info("%s: ppl %.4f, %d params", rows[-1].label, ppl.perplexity, params)
     return baseline, rows, parity_points(shapes.values())
+
+
+def setting_name(row: SweepRow) -> str:
+    """One row's setting in a word list: curve label, targets and size (``R=0.3`` or ``P=0.8``)."""
+    size = f"R={row.rank_reduction:g}" if row.param_ratio is None else f"P={row.param_ratio:g}"
+    return f"{row.label} {row.targets} {size}"
 
 
 def parity_points(shapes: Iterable[tuple[int, int]]) -> list[dict[str, Any]]:
