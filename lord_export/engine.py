@@ -40,6 +40,7 @@ from .apply import apply_group
 from .blocks import BlockCall, Blocks, capture_block_inputs, find_blocks, mixed_layer_types, run_block
 from .calibrate import Calibrator, InputStats, exact_matmuls, select_tokens, warn_few_tokens
 from .config import LordConfig
+from .device import statistics_device
 from .errors import CalibrationError
 from .plan import Group
 from .planner import build_groups, describe_group, factorize_group, factorize_group_on_compressed
@@ -180,7 +181,7 @@ class Engine:
         self.config = config
         self.device = torch.device(device)
         self.source = source or InMemoryWeights()
-        self.stats_device = torch.device(stats_device) if stats_device is not None else self.device
+        self.stats_device = statistics_device(self.device, stats_device)
         self.writer = writer
         self.say = progress or (lambda msg: None)
         self.bars = bars

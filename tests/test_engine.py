@@ -347,3 +347,13 @@ def test_an_interrupted_run_leaves_no_output(tiny_llama_dir, code_corpus, tmp_pa
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert not out.exists() and not list(tmp_path.glob(".lord*"))
+
+
+def test_statistics_stay_in_float64_where_the_device_has_it():
+    from lord_export.device import has_float64, statistics_device
+
+    assert has_float64("cpu") and has_float64("meta")
+    assert statistics_device("cpu", None) == torch.device("cpu")
+    assert statistics_device("meta", "cpu") == torch.device("cpu")  # an explicit choice wins
+    if torch.backends.mps.is_available():  # no float64 on MPS: statistics and factorization go to the CPU
+        assert not has_float64("mps") and statistics_device("mps", None) == torch.device("cpu")

@@ -147,7 +147,8 @@ def add_device_args(parser: argparse.ArgumentParser, *, stats: bool = False) -> 
         parser.add_argument(
             "--stats-device",
             default=None,
-            help="where calibration statistics live (default: --device; 'cpu' saves accelerator memory)",
+            help="where calibration statistics live and are factorized, in float64 (default: --device, or cpu when "
+            "--device has no float64, e.g. mps; 'cpu' saves accelerator memory)",
         )
 
 
