@@ -33,6 +33,18 @@ from lord_export.reference import reference_model_dir, split_texts
 LR = {"lora": 1e-3, "factors": 1e-4}
 
 
+def utf8_files(paths: list[Path]) -> list[Path]:
+    """The files that decode as UTF-8 (the train split holds a few Latin-1 test modules)."""
+    keep = []
+    for f in paths:
+        try:
+            f.read_bytes().decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        keep.append(f)
+    return keep
+
+
 def n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -42,6 +54,13 @@ def main() -> None:
     ap.add_argument("--rank-reduction", type=float, default=0.7)
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument(
+        "--heal-split",
+        choices=["calib", "train"],
+        default="calib",
+        help="stdlib split the heal trains on: the calibration files, or the files the model was trained on "
+        "(both disjoint from the evaluation files)",
+    )
     ap.add_argument("--train-blocks", type=int, default=512, help="256-token blocks of the calibration split")
     ap.add_argument("--lora-r", type=int, default=8)
     ap.add_argument("--lr-lora", type=float, default=LR["lora"])
@@ -62,7 +81,8 @@ def main() -> None:
     calib_docs = list(read_documents(split_texts("calib")))
     ids, mask = tokenize_blocks(tok, calib_docs, samples=128, seqlen=256)
     windows = subsample_windows(document_windows(tok, read_documents(split_texts("eval")), 256), args.eval_tokens)
-    tr_ids, tr_mask = tokenize_blocks(tok, calib_docs, samples=args.train_blocks, seqlen=256)
+    heal_docs = calib_docs if args.heal_split == "calib" else list(read_documents(utf8_files(split_texts("train"))))
+    tr_ids, tr_mask = tokenize_blocks(tok, heal_docs, samples=args.train_blocks, seqlen=256)
     train = batches(tr_ids, tr_mask, args.batch_size)
 
     def ppl(model: torch.nn.Module) -> float:
@@ -84,7 +104,7 @@ def main() -> None:
         "model": "reference-code-llama (shipped)",
         "protocol": {
             "compress": "calibration split, 128 x 256 tokens, all targets, method lord",
-            "heal_data": f"calibration split only, {int(tr_mask.sum())} tokens in {tr_ids.shape[0]} blocks of 256",
+            "heal_data": f"{args.heal_split} split, {int(tr_mask.sum())} tokens in {tr_ids.shape[0]} blocks of 256",
             "eval": f"evaluation split, {sum(len(w) - 1 for w in windows)} predicted tokens, 256-token windows",
             "threads": args.threads,
             "dtype": "float32",
