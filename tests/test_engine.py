@@ -339,6 +339,8 @@ def test_an_interrupted_run_leaves_no_output(tiny_llama_dir, code_corpus, tmp_pa
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # a test run started in the background ('cmd &') inherits SIGINT ignored; Ctrl-C is the default
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     for line in proc.stderr:  # wait until the engine runs (128 batches per stage), then interrupt it as Ctrl-C would
         if "one at a time" in line:
