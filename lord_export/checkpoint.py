@@ -6,7 +6,10 @@ shards ``model-00001-of-0000N.safetensors`` plus ``model.safetensors.index.json`
 ``{"metadata": {"total_size": bytes}, "weight_map": {tensor name: shard file}}``.
 
 * :class:`CheckpointReader` opens every shard lazily (``safe_open``) and reads one tensor at a time,
-  so a block's weights can be loaded without the rest of the model.
+  so a block's weights can be loaded without the rest of the model. ``safe_open`` memory-maps the
+  file and the pages it reads stay resident (and counted in the process's RSS) while the file is
+  open, so :meth:`CheckpointReader.close` is called after each block: a tensor still in use keeps
+  its own pages, everything else read so far leaves memory.
 * :class:`ShardWriter` takes tensors a block at a time and writes a shard whenever the next block
   would push the current one past ``max_shard_bytes``: memory holds at most one shard's worth,
   whatever the depth of the model.
@@ -85,9 +88,21 @@ class CheckpointReader:
             handle = self._handles[f] = safe_open(str(f), framework="pt")
         return handle.get_tensor(name)
 
+    @property
+    def open_files(self) -> int:
+        """How many shard files are open (memory-mapped) right now."""
+        return len(self._handles)
+
+    def close(self) -> None:
+        """Unmap every open shard; later reads reopen them (tensors already read stay valid)."""
+        self._handles.clear()
+
     def load_all(self, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
         """Every tensor (for small models and the whole-model path)."""
-        return {name: self.get(name).to(device) for name in self.files}
+        try:
+            return {name: self.get(name).to(device) for name in self.files}
+        finally:
+            self.close()
 
 
 class ShardWriter:

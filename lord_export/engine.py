@@ -96,15 +96,19 @@ class CheckpointWeights(WeightSource):
     def load_into(self, module: nn.Module, names: dict[str, str], device: torch.device | str) -> list[str]:
         """Assign ``{local name: model name}`` tensors of ``module``; returns model names not in the checkpoint."""
         state, missing = {}, []
-        for local, full in names.items():
-            ckpt = self.checkpoint_name(full)
-            if ckpt is None:
-                missing.append(full)
-                continue
-            t = self.reader.get(ckpt)
-            if self.dtype is not None and t.is_floating_point():
-                t = t.to(self.dtype)
-            state[local] = t.to(device)
+        try:
+            for local, full in names.items():
+                ckpt = self.checkpoint_name(full)
+                if ckpt is None:
+                    missing.append(full)
+                    continue
+                t = self.reader.get(ckpt)
+                if self.dtype is not None and t.is_floating_point():
+                    t = t.to(self.dtype)
+                state[local] = t.to(device)
+        finally:
+            # unmap the shards: pages of blocks already done would otherwise stay in RSS
+            self.reader.close()
         module.load_state_dict(state, strict=False, assign=True)
         return missing
 

@@ -19,6 +19,15 @@ from lord_export.hf import load_dense
 from lord_export.measure.backends import BACKENDS, parse_backends
 from lord_export.measure.flops import forward_flops
 
+
+def has_optimum() -> bool:
+    try:
+        import optimum.exporters.onnx  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 SMALL = ("--tokens", "8", "--decode-context", "8", "--decode-tokens", "2")
 
 
@@ -76,6 +85,7 @@ def test_bench_eager_and_onnx_runtime_side_by_side(tiny_llama_dir, lord_dir, tmp
         assert r["dense_ms"] > 0 and r["lord_ms"] > 0
         assert r["ideal_speedup"] > 1.0  # rank reduction 0.5 removes FLOPs
         where, dtype = r["runs_on"].rsplit(" ", 1)  # the label says what ran: "torch cpu" / "ORT <provider>"
+        where = where.removesuffix(" io-binding")  # ORT on CUDA keeps the KV cache on the device
         assert dtype == "float32"
         if r["backend"] == "eager":
             assert where == "torch cpu"  # --device cpu
@@ -90,6 +100,25 @@ def test_bench_eager_and_onnx_runtime_side_by_side(tiny_llama_dir, lord_dir, tmp
     if not torch.cuda.is_available():
         assert "CUDA" in result["skipped"]["ort-cuda"]
     assert "meas/ideal" in proc.stdout and "eager" in proc.stdout
+
+
+@pytest.mark.skipif(not has_optimum(), reason="optimum's KV-cache ONNX export is not installed")
+def test_ort_decode_with_io_binding_picks_eager_lords_tokens(lord_dir, tmp_path):
+    """The KV cache kept as bound OrtValues gives the same greedy tokens as numpy feeds and as eager."""
+    from lord_export.export.onnx import export_with_past_optimum, make_session
+    from lord_export.measure.runners import ort_greedy, ort_runner
+
+    model = le.load(lord_dir).eval()
+    export_with_past_optimum(model, tmp_path, opset=18, validate=False)
+    session = make_session(tmp_path / "model.onnx", prefer_cuda=False, threads=1)
+    prompt = torch.randint(3, model.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(0))
+    bound, _ = ort_greedy(session, prompt, 6, io_binding=True)
+    host, _ = ort_greedy(session, prompt, 6, io_binding=False)
+    with torch.no_grad():
+        eager = model.generate(prompt, max_new_tokens=6, do_sample=False, min_new_tokens=6)[0, 7:].tolist()
+    assert bound == host == eager
+    assert ort_runner(session, io_binding=True).runs_on == "ORT CPU io-binding float32"
+    assert ort_runner(session).runs_on == "ORT CPU float32"  # binding is the default on CUDA only
 
 
 def test_ideal_speedup_is_the_flop_ratio(tiny_llama_dir, lord_dir):
@@ -180,9 +209,3 @@ def ort_providers() -> list[str]:
     return onnxruntime.get_available_providers()
 
 
-def has_optimum() -> bool:
-    try:
-        import optimum.exporters.onnx  # noqa: F401
-    except ImportError:
-        return False
-    return True

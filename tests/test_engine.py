@@ -200,6 +200,28 @@ def test_shard_writer_splits_and_indexes(tmp_path):
     assert not list(tmp_path.glob(".part-*"))
 
 
+def test_block_reads_leave_no_shard_mapped(tmp_path):
+    """After a block is loaded its shards are closed: their mapped pages would stay in RSS."""
+    from lord_export.engine import CheckpointWeights
+
+    tensors = {f"layers.{i}.weight": torch.randn(32, 16) for i in range(3)}
+    writer = ShardWriter(tmp_path, max_shard_bytes=3000)  # one tensor per shard
+    for name, t in tensors.items():
+        writer.add({name: t})
+    writer.close()
+    reader = CheckpointReader(tmp_path)
+    source = CheckpointWeights(reader, dtype=None)
+    for i in range(3):
+        with torch.device("meta"):
+            layer = nn.Linear(16, 32, bias=False)
+        source.materialize(layer, f"layers.{i}", torch.device("cpu"))
+        assert reader.open_files == 0
+        assert torch.equal(layer.weight, tensors[f"layers.{i}.weight"])  # still readable once unmapped
+    reader.get("layers.0.weight")
+    assert reader.open_files == 1
+    assert len(reader.load_all()) == 3 and reader.open_files == 0
+
+
 @pytest.fixture(scope="module")
 def bf16_sharded_dir(tmp_path_factory):
     from tests.conftest import make_tokenizer
