@@ -69,6 +69,9 @@ def main() -> None:
     ap.add_argument("--warmup-steps", type=int, default=None, help="default: a tenth of --steps")
     ap.add_argument("--schedule", choices=["cosine", "constant"], default="cosine")
     ap.add_argument("--lm-weight", type=float, default=1.0, help="weight of the LM loss with distillation (0: pure KL)")
+    ap.add_argument(
+        "--hidden-weight", type=float, default=0.0, help="weight of per-block hidden-state distillation (with distill)"
+    )
     ap.add_argument("--eval-tokens", type=int, default=65536)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/results/heal_recovery.json")
@@ -130,6 +133,7 @@ def main() -> None:
             mode=mode,
             distill_model=dense if extra == "distill" else None,
             lm_weight=args.lm_weight if extra == "distill" else 1.0,
+            hidden_weight=args.hidden_weight if extra == "distill" else 0.0,
             warmup_steps=args.warmup_steps,
             schedule=args.schedule,
         )
@@ -144,6 +148,7 @@ def main() -> None:
             "schedule": rep["schedule"],
             "warmup_steps": rep["warmup_steps"],
             "lm_weight": args.lm_weight if extra == "distill" else 1.0,
+            "hidden_weight": args.hidden_weight if extra == "distill" else 0.0,
             "lora_r": args.lora_r if mode == "lora" else None,
             "batch": f"{args.batch_size} x 256",
             "trainable_params": rep["trainable_params"],

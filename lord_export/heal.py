@@ -14,7 +14,10 @@ Two modes, both ending in a plain LoRD model (same module types, names and shape
 Loss: next-token cross-entropy on the batches (padding masked out through ``attention_mask``),
 plus, with ``distill_model`` (e.g. the dense model the LoRD model came from), ``distill_weight``
 times the token-mean KL(teacher ‖ student) of the logits at ``temperature`` (the LM term is then
-weighted by ``lm_weight``; 0 gives pure distillation).
+weighted by ``lm_weight``; 0 gives pure distillation), plus ``hidden_weight`` times the per-block
+hidden-state distillation: the mean over the model's blocks of ‖h_student − h_teacher‖² / ‖h_teacher‖²
+(summed over real tokens) of each block's output — a signal at every depth, where the error of the
+factorized layers is made, not only at the logits.
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ def heal(
     distill_model: nn.Module | None = None,
     distill_weight: float = 1.0,
     lm_weight: float = 1.0,
+    hidden_weight: float = 0.0,
     temperature: float = 1.0,
     warmup_steps: int | None = None,
     schedule: str = "cosine",
@@ -81,11 +85,14 @@ def heal(
     report holds the loss curve (``loss``; ``lm_loss`` and ``kl`` per step), ``seconds``,
     ``peak_memory_bytes`` (CUDA peak allocated on a CUDA device, else the process's peak RSS) and
     the trainable parameter count. The model is left in eval mode, on ``device`` if given.
-    The learning rate follows :func:`lr_factor` (``warmup_steps`` default: a tenth of ``steps``);
+    ``hidden_weight`` > 0 (needs ``distill_model``) adds the per-block hidden-state term (module
+    docstring). The learning rate follows :func:`lr_factor` (``warmup_steps`` default: a tenth of ``steps``);
     gradients are clipped to ``max_grad_norm`` (None: no clipping).
     """
     if mode not in MODES:
         raise UsageError(f"heal mode must be one of {MODES}, got {mode!r}")
+    if hidden_weight < 0 or (hidden_weight > 0 and distill_model is None):
+        raise UsageError(f"hidden_weight must be >= 0 and needs a distill_model (got {hidden_weight})")
     if steps < 1 or lr <= 0:
         raise UsageError(f"heal needs steps >= 1 and lr > 0 (got steps={steps}, lr={lr})")
     if schedule not in SCHEDULES:
@@ -127,7 +134,8 @@ def heal(
 
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    curve: dict[str, list[float]] = {"loss": [], "lm_loss": [], "kl": []}
+    curve: dict[str, list[float]] = {"loss": [], "lm_loss": [], "kl": [], "hidden": []}
+    hidden = hidden_weight > 0
     trained.train()
     bar = None
     if progress:
@@ -137,15 +145,19 @@ def heal(
     t0 = time.perf_counter()
     for batch in itertools.islice(itertools.cycle(data), steps):
         inputs = _inputs(batch, dev)
-        logits = trained(**inputs).logits
+        out = trained(**inputs, output_hidden_states=hidden)
+        logits = out.logits
         lm = _lm_loss(logits, inputs)
         loss = lm
-        kl = None
+        kl = mse = None
         if distill_model is not None:
             with torch.no_grad():
-                teacher = distill_model(**inputs).logits
-            kl = _kl(logits, teacher, inputs.get("attention_mask"), temperature)
+                teacher = distill_model(**inputs, output_hidden_states=hidden)
+            kl = _kl(logits, teacher.logits, inputs.get("attention_mask"), temperature)
             loss = lm_weight * lm + distill_weight * kl
+            if hidden:
+                mse = _hidden_mse(out.hidden_states, teacher.hidden_states, inputs.get("attention_mask"))
+                loss = loss + hidden_weight * mse
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if max_grad_norm is not None:
@@ -156,6 +168,8 @@ def heal(
         curve["lm_loss"].append(lm.item())
         if kl is not None:
             curve["kl"].append(kl.item())
+        if mse is not None:
+            curve["hidden"].append(mse.item())
         if bar is not None:
             bar.set_postfix(loss=f"{curve['loss'][-1]:.4f}", refresh=False)
             bar.update(1)
@@ -185,6 +199,7 @@ def heal(
         "max_grad_norm": max_grad_norm,
         "lora_r": lora_r if mode == "lora" else None,
         "distill": distill_model is not None,
+        "hidden_weight": hidden_weight,
         "trainable_params": sum(p.numel() for p in params),
         "first_loss": curve["loss"][0],
         "last_loss": curve["loss"][-1],
@@ -223,3 +238,16 @@ def _kl(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None,
         return per_token.mean()
     w = mask.to(per_token.dtype)
     return (per_token * w).sum() / w.sum().clamp_min(1)
+
+
+def _hidden_mse(student: tuple, teacher: tuple, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over blocks of ‖h_s − h_t‖² / ‖h_t‖² on real tokens (index 0, the embeddings, is skipped)."""
+    terms = []
+    for hs, ht in zip(student[1:], teacher[1:], strict=True):
+        diff = (hs.float() - ht.float()).pow(2).sum(-1)
+        ref = ht.float().pow(2).sum(-1)
+        if mask is not None:
+            w = mask.to(diff.dtype)
+            diff, ref = diff * w, ref * w
+        terms.append(diff.sum() / ref.sum().clamp_min(1e-12))
+    return torch.stack(terms).mean()

@@ -58,6 +58,37 @@ def test_heal_distillation_pulls_the_student_towards_the_teacher(dense_and_lord)
     assert report["kl"][-1] < report["kl"][0], report["kl"]
 
 
+def test_hidden_state_distillation_closes_every_blocks_gap(dense_and_lord):
+    """The per-block term is 0 for identical models, positive otherwise, and training lowers it."""
+    from lord_export.heal import _hidden_mse
+
+    dense, lord = dense_and_lord
+    ids = correlated_batches(n_batches=1, batch=2, seq=16, seed=5)[0]["input_ids"]
+    with torch.no_grad():
+        hd = dense(input_ids=ids, output_hidden_states=True).hidden_states
+        hl = lord(input_ids=ids, output_hidden_states=True).hidden_states
+    assert float(_hidden_mse(hd, hd, None)) == 0.0
+    assert float(_hidden_mse(hl, hd, None)) > 0.0
+    model = copy.deepcopy(lord)
+    batches = correlated_batches(n_batches=2, batch=4, seq=32, seed=7)
+    report = heal(
+        model,
+        batches,
+        steps=8,
+        lr=1e-3,
+        mode="factors",
+        distill_model=dense,
+        lm_weight=0.0,
+        distill_weight=0.0,
+        hidden_weight=1.0,
+        schedule="constant",
+    )
+    assert len(report["hidden"]) == 8 and report["hidden_weight"] == 1.0
+    assert report["hidden"][-1] < report["hidden"][0], report["hidden"]
+    with pytest.raises(lord_export.UsageError, match="hidden_weight"):
+        heal(copy.deepcopy(lord), batches, steps=2, lr=1e-3, mode="factors", hidden_weight=1.0)
+
+
 def test_lr_schedule_warms_up_then_decays_to_zero():
     from lord_export.heal import lr_factor
 

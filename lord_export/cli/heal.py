@@ -69,6 +69,14 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
     )
     t.add_argument("--distill-weight", type=float, default=1.0, metavar="W", help="weight of the KL term")
     t.add_argument("--lm-weight", type=float, default=1.0, metavar="W", help="weight of the LM loss (0: pure KL)")
+    t.add_argument(
+        "--distill-hidden",
+        type=float,
+        default=0.0,
+        metavar="W",
+        help="with --distill: also match every block's output hidden states (relative squared error, "
+        "mean over blocks) with this weight; 0 (default) distills the logits only",
+    )
     e = h.add_argument_group("held-out evaluation")
     e.add_argument("--eval", nargs="+", default=None, metavar="PATH", help="perplexity before/after on these files")
     e.add_argument(
@@ -124,6 +132,8 @@ def check_heal_args(args: argparse.Namespace) -> tuple:
         raise UsageError("the output directory must differ from LORD_DIR")
     if args.distill is not None:
         check_model_dir(args.distill)
+    if args.distill_hidden < 0 or (args.distill_hidden > 0 and args.distill is None):
+        raise UsageError(f"--distill-hidden needs --distill and a weight >= 0 (got {args.distill_hidden})")
     for flag, paths in (("--data", args.calib), ("--eval", args.eval)):
         if paths is None:
             continue
@@ -200,6 +210,7 @@ def run(args: argparse.Namespace) -> int:
         distill_model=teacher,
         distill_weight=args.distill_weight,
         lm_weight=args.lm_weight,
+        hidden_weight=args.distill_hidden,
         warmup_steps=args.warmup_steps,
         schedule=args.schedule,
         device=device,
