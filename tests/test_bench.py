@@ -207,5 +207,3 @@ def ort_providers() -> list[str]:
     import onnxruntime
 
     return onnxruntime.get_available_providers()
-
-
