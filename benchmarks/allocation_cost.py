@@ -1,0 +1,96 @@
+"""What rank allocation adds to compression time: uniform LoRD at R vs an allocation at its size.
+
+    python benchmarks/allocation_cost.py reference [--rank-reduction 0.5] [--allocation fisher]
+        [--calibrations independent,sequential] [--repeats 2]
+    python benchmarks/allocation_cost.py smollm2 --model-dir "$(bash ../shared/tools/get-smollm2.sh)"
+
+Same models and calibration data as ``quality_sweeps.py``. For each calibration mode, interleaved
+``--repeats`` times on fresh copies of the dense model: ``lord_export.compress`` with
+``rank_reduction=R`` (uniform), then with ``param_ratio`` = the ratio uniform reached and
+``allocation`` (the survey — calibration of the dense model, one decomposition per group — and the
+sensitivities included). Times are the reports' ``compress_s`` (everything from the call to the
+swapped model); the survey's own split (``survey_s``, ``sensitivity_s``) comes from the budget
+report. Prints a table and writes ``benchmarks/results/allocation_cost_<model>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from quality_sweeps import load_setting  # benchmarks/ is the script's directory
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", choices=["stories260k", "reference", "smollm2"])
+    ap.add_argument("--model-dir", default=None)
+    ap.add_argument("--rank-reduction", type=float, default=0.5)
+    ap.add_argument("--allocation", default="fisher")
+    ap.add_argument("--calibrations", default="independent,sequential")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    sys.path.insert(0, str(ROOT))
+    import lord_export as le
+    from lord_export.hf import load_dense
+
+    torch.manual_seed(0)
+    src, calib, _, _ = load_setting(args.model, args.model_dir, 1)
+    calib = list(calib)
+    dense = load_dense(src, dtype=torch.float32)
+    rows = []
+    for mode in [c.strip() for c in args.calibrations.split(",")]:
+        uniform_s, alloc_s, survey_s, sensitivity_s, ratio = [], [], [], [], None
+        for _ in range(args.repeats):
+            model = copy.deepcopy(dense)
+            plan = le.compress(model, calib, rank_reduction=args.rank_reduction, calibration=mode)
+            uniform_s.append(plan.report["timings"]["compress_s"])
+            ratio = plan.report["params_ratio"]
+            model = copy.deepcopy(dense)
+            plan = le.compress(model, calib, param_ratio=ratio, allocation=args.allocation, calibration=mode)
+            alloc_s.append(plan.report["timings"]["compress_s"])
+            survey_s.append(plan.report["budget"]["survey_s"])
+            sensitivity_s.append(plan.report["budget"]["sensitivity_s"])
+        u, a = statistics.median(uniform_s), statistics.median(alloc_s)
+        row = {
+            "calibration": mode,
+            "param_ratio": round(ratio, 4),
+            "uniform_s": uniform_s,
+            "allocation_s": alloc_s,
+            "survey_s": survey_s,
+            "sensitivity_s": sensitivity_s,
+            "added": round(a / u - 1, 4),
+        }
+        rows.append(row)
+        print(
+            f"{mode:12} P={ratio:.4f}  uniform {u:7.1f} s   {args.allocation} {a:7.1f} s "
+            f"(survey {statistics.median(survey_s):.1f} s, sensitivity {statistics.median(sensitivity_s):.1f} s)"
+            f"   added {a / u - 1:+.1%}"
+        )
+    out = Path(args.json or ROOT / "benchmarks" / "results" / f"allocation_cost_{args.model}.json")
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": platform.machine(),
+        "threads": torch.get_num_threads(),
+        "model": args.model,
+        "rank_reduction": args.rank_reduction,
+        "allocation": args.allocation,
+        "calibration_batches": len(calib),
+        "rows": rows,
+    }
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
