@@ -46,15 +46,19 @@ class Factors:
         return self.A.shape[1]
 
 
-def output_spectrum(W: torch.Tensor, C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def output_spectrum(
+    W: torch.Tensor, C: torch.Tensor, *, dtype: torch.dtype = torch.float64
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigen-pairs of the output covariance W C Wᵀ, descending, without inverting C.
 
     Returns (eigenvalues, eigenvectors) with at most min(d_out, d_in) pairs. When d_out > d_in
     the (d_out, d_out) eigenproblem is replaced by the thin SVD of W C^{1/2}, which has the same
     left singular vectors and squared singular values but costs O(d_out d_in²).
+    ``dtype`` float32 exists to measure what a device without float64 would lose
+    (``benchmarks/factorize_precision.py``); everything else uses float64.
     """
-    W = W.double()
-    C = C.double()
+    W = W.to(dtype)
+    C = C.to(dtype)
     d_out, d_in = W.shape
     if d_out <= d_in:
         M = W @ C @ W.T
