@@ -261,6 +261,10 @@ def compress_model_dir(
     )
     model = build_skeleton(model_dir, trust_remote_code)
     blocks, why = find_streamable_blocks(model)
+    if blocks is not None and config.param_ratio is not None:
+        # the allocation needs every group's spectrum and the Fisher pass a backward through the whole model
+        say("a parameter budget is allocated over the whole model: loading it in memory (not block by block)")
+        blocks = None
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         if blocks is None:
             model = load_dense(model_dir, dtype=dtype, trust_remote_code=trust_remote_code)

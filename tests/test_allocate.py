@@ -3,6 +3,7 @@ the Fisher sensitivity, and bad input."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -147,6 +148,40 @@ def test_cli_refuses_both_sizes_and_a_bad_override(tiny_llama_dir, code_corpus, 
     assert "PATTERN=VALUE" in run("--param-ratio", "0.8", "--override", "o_proj").stderr
     assert run("--param-ratio", "0").returncode == 2
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_compress_meets_a_parameter_ratio(tiny_llama_dir, code_corpus, tmp_path):
+    """`lord-export compress --param-ratio` on a model directory (a streamable one) allocates and
+    meets the budget — it once left every group dense there, the block-by-block path having no ranks."""
+    out = tmp_path / "budget"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lord_export.cli",
+            "compress",
+            str(tiny_llama_dir),
+            str(out),
+            "--calib",
+            str(code_corpus),
+            "--calib-samples",
+            "8",
+            "--calib-seqlen",
+            "32",
+            "--param-ratio",
+            "0.8",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["groups_factorized"] > 0 and report["budget"]["allocation"] == "fisher"
+    assert report["params_after"] <= report["budget"]["params_target"]
+    assert 0.75 < report["params_ratio"] <= 0.8
+    model = le.load(out)
+    assert sum(p.numel() for p in model.parameters()) == report["params_after"]
 
 
 def test_fisher_sensitivity_is_the_mean_squared_output_gradient():
