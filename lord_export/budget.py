@@ -27,7 +27,7 @@ from .config import LordConfig
 from .errors import TargetError, UsageError
 from .fingerprint import count_parameters
 from .planner import build_groups, describe_group, override_for, stacked_weight
-from .targets import pattern_matches
+from .targets import pattern_matches, select_targets
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,21 @@ class Budget:
     report: dict[str, Any] = field(default_factory=dict)
 
 
+def check_causal_lm(model: nn.Module) -> None:
+    """UsageError unless ``model`` is a causal LM (the fisher allocation differentiates its LM loss)."""
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embed is None or not hasattr(model, "lm_head") and "CausalLM" not in type(model).__name__:
+        raise UsageError("the fisher allocation needs a causal language model (use allocation 'spectrum')")
+
+
+def lm_loss_sum(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed next-token cross-entropy over real tokens: the L of the Fisher sensitivities."""
+    ids = batch["input_ids"]
+    mask = batch.get("attention_mask", torch.ones_like(ids))
+    keep = mask[:, 1:].bool()
+    return torch.nn.functional.cross_entropy(logits[:, :-1][keep].float(), ids[:, 1:][keep], reduction="sum")
+
+
 def fisher_sensitivities(
     model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], groups: dict[str, list[str]]
 ) -> dict[str, float]:
@@ -56,9 +71,8 @@ def fisher_sensitivities(
     """
     from .hf import model_device
 
-    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if embed is None or not hasattr(model, "lm_head") and "CausalLM" not in type(model).__name__:
-        raise UsageError("the fisher allocation needs a causal language model (use allocation 'spectrum')")
+    check_causal_lm(model)
+    embed = model.get_input_embeddings()
     member_of = {m: g for g, members in groups.items() for m in members}
     sums = dict.fromkeys(groups, 0.0)
     width = dict.fromkeys(groups, 0)
@@ -92,13 +106,8 @@ def fisher_sensitivities(
             for batch in batches[:SENSITIVITY_BATCHES]:
                 batch = {k: v.to(device) for k, v in batch.items()}
                 logits = model(**batch, use_cache=False).logits
-                mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"]))
-                keep = mask[:, 1:].bool()
-                loss = torch.nn.functional.cross_entropy(
-                    logits[:, :-1][keep].float(), batch["input_ids"][:, 1:][keep], reduction="sum"
-                )
-                loss.backward()
-                tokens += int(mask.sum())
+                lm_loss_sum(logits, batch).backward()
+                tokens += int(batch.get("attention_mask", torch.ones_like(batch["input_ids"])).sum())
     finally:
         for h in handles:
             h.remove()
@@ -116,7 +125,7 @@ class Survey:
     fixed_removed: int
     fixed: dict[str, int | None]
     total: int
-    calibration: Calibration
+    calibration: Calibration | None  # None after a streamed survey (nothing kept)
     cache: dict
     timings: dict[str, float]
 
@@ -152,6 +161,27 @@ def survey(
     t2 = time.perf_counter()
     timings = {"survey_s": round(t1 - t0, 3), "sensitivity_s": round(t2 - t1, 3)}
     return Survey(curves, fixed_removed, fixed, count_parameters(model), calibration, cache, timings)
+
+
+def streamed_survey(engine: Any, batches: Sequence[dict[str, torch.Tensor]], blocks: Any) -> Survey:
+    """The survey of a model whose blocks are read one at a time (:meth:`lord_export.engine.Engine.survey`).
+
+    Same curves, sensitivities and fixed groups as :func:`survey`; nothing is kept for reuse
+    (statistics and decompositions were freed block by block), so compression recalibrates.
+    """
+    config = engine.config
+    layers = select_targets(engine.model, config.targets, config.exclude)
+    check_overrides(config, layers)
+    outside = [n for n in layers if not n.startswith(blocks.path + ".")]
+    if outside:
+        raise UsageError(f"the streamed survey covers the blocks only; {outside[0]!r} is outside them")
+    fisher = config.allocation == "fisher"
+    if fisher:
+        check_causal_lm(engine.model)
+    curves, fixed, fixed_removed, timings = engine.survey(
+        batches, blocks, fisher=fisher, fisher_batches=SENSITIVITY_BATCHES
+    )
+    return Survey(curves, fixed_removed, fixed, count_parameters(engine.model), None, {}, timings)
 
 
 def plan_budget(

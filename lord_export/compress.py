@@ -261,9 +261,9 @@ def compress_model_dir(
     )
     model = build_skeleton(model_dir, trust_remote_code)
     blocks, why = find_streamable_blocks(model)
-    if blocks is not None and config.param_ratio is not None:
-        # the allocation needs every group's spectrum and the Fisher pass a backward through the whole model
-        say("a parameter budget is allocated over the whole model: loading it in memory (not block by block)")
+    if blocks is not None and config.param_ratio is not None and _targets_outside(model, config, blocks):
+        # the streamed survey covers the blocks; targets outside them need the whole-model one
+        say("the targets include layers outside the blocks: the budget is allocated over the whole model in memory")
         blocks = None
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         if blocks is None:
@@ -296,6 +296,14 @@ def _compress_streamed(model, model_dir, blocks, tmp, calib_set, config, dtype, 
     writer = ShardWriter(tmp, max_shard_bytes)
     stream["progress"](f"compressing {len(blocks)} blocks of {blocks.path} one at a time on {stream['device']}")
     engine = Engine(model, config, source=source, writer=writer, **stream)
+    budget = None
+    if config.param_ratio is not None:
+        from .budget import streamed_survey
+
+        stream["progress"](f"surveying {len(blocks)} blocks for the parameter budget (spectra, then sensitivities)")
+        batches = list(calib_set.batches())
+        budget = plan_budget(model, batches, config, [], surveyed=streamed_survey(engine, batches, blocks))
+        engine.ranks = budget.ranks
     result = engine.run(calib_set.batches(), blocks)
     tied = engine.write_rest(blocks)
     writer.close()
@@ -310,7 +318,13 @@ def _compress_streamed(model, model_dir, blocks, tmp, calib_set, config, dtype, 
         calibration={"batches": result.calibration_batches},
         timings={"compress_s": round(time.perf_counter() - t0, 3), "blocks_s": result.timings["blocks_s"]},
         streamed=True,
-    )
+    ) | ({"budget": budget.report} if budget is not None else {})
+
+
+def _targets_outside(model: nn.Module, config: LordConfig, blocks: Any) -> bool:
+    """Whether any targeted layer lies outside the repeated blocks (e.g. a targeted LM head)."""
+    prefix = blocks.path + "."
+    return any(not n.startswith(prefix) for n in select_targets(model, config.targets, config.exclude))
 
 
 def _with_packing(data: CalibrationOptions | None, model_dir: Path, trust_remote_code: bool) -> CalibrationOptions:

@@ -241,6 +241,140 @@ class Engine:
         timings = {"compress_s": round(time.perf_counter() - t0, 3), "blocks_s": block_seconds}
         return EngineResult(self.groups, self.tensors, self.warnings, timings, len(blocks), True, self.batches)
 
+    # -- the survey for a parameter budget ----------------------------------------------------
+    def survey(self, batches: Sequence[dict[str, torch.Tensor]], blocks: Blocks, *, fisher: bool, fisher_batches: int):
+        """The allocation's survey of the dense model, one block at a time (see :mod:`lord_export.budget`).
+
+        Forward over the blocks: calibrate each block on the dense stream and keep only its groups'
+        output spectra (statistics and decompositions are freed with the block). With ``fisher``, the
+        inputs of every block for the first ``fisher_batches`` batches are kept too, the LM loss is
+        taken on the final hidden states (the blocks replayed, as for targets outside them), and its
+        gradient is carried back block by block — each block loaded again, recomputed from its stored
+        input, backpropagated — accumulating Σ‖∂L/∂y‖² at every targeted layer's output: exactly
+        :func:`lord_export.budget.fisher_sensitivities`, with one block in memory.
+        Returns ``(curves, fixed ranks, parameters fixed groups remove, timings)``.
+        """
+        from . import factorize as fz
+        from .allocate import GroupCurve
+        from .planner import override_for, stacked_weight
+
+        t0 = time.perf_counter()
+        layers = select_targets(self.model, self.config.targets, self.config.exclude)
+        inside = {i: [n for n in layers if n.startswith(blocks.name(i) + ".")] for i in range(len(blocks))}
+        curves: list[GroupCurve] = []
+        fixed: dict[str, int | None] = {}
+        fixed_removed = 0
+        members_of: dict[int, dict[str, list[str]]] = {}
+        with torch.no_grad(), exact_matmuls():
+            hiddens, calls = capture_block_inputs(self.model, blocks.modules[0], batches, self._embed_device())
+            calls = [self._on_device(c) for c in calls]
+            dense = [self._park(h) for h in hiddens]
+            n_fisher = min(fisher_batches, len(dense)) if fisher else 0
+            inputs: list[list[torch.Tensor]] = []
+            for i in range(len(blocks)):
+                block, prefix = blocks.modules[i], blocks.name(i)
+                self.source.materialize(block, prefix, self.device)
+                inputs.append(dense[:n_fisher])
+                local = [n[len(prefix) + 1 :] for n in inside[i]]
+                with Calibrator(block, local, batch_hooks=False, stats_device=self.stats_device) as cal:
+                    for b, call in enumerate(calls):
+                        cal.begin_batch(call.mask)
+                        dense[b] = self._park(run_block(block, self._load(dense[b]), call))
+                        cal.end_batch()
+                members_of[i] = {}
+                if local:
+                    calibration = cal.result()
+                    modules = dict(block.named_modules())
+                    for names in build_groups(local, calibration.input_of, self.config.grouping):
+                        group = describe_group(modules, names, self.config, ranks={}, prefix=prefix)
+                        full = group.renamed(prefix)
+                        if override_for(full, self.config.overrides) is not None:
+                            fixed[full.name] = group.rank if group.factorized else None
+                            fixed_removed += group.dense_params - group.factor_params if group.factorized else 0
+                            continue
+                        W = stacked_weight(modules, group).to(self.stats_device)
+                        spectrum = fz.output_spectrum(W, calibration.of(names[0]).C)[0].cpu()
+                        kind = ",".join(m.name.rsplit(".", 1)[-1] for m in group.members)
+                        curves.append(GroupCurve(full.name, kind, group.d_in, group.d_out, spectrum))
+                        members_of[i][full.name] = names
+                self.source.release(block)
+                self.say(f"survey: block {i + 1}/{len(blocks)}")
+            template = _output_structure_released(blocks, self, dense[0], calls[0]) if n_fisher else None
+        t1 = time.perf_counter()
+        if n_fisher:
+            grads = self._head_gradients(dense[:n_fisher], calls, batches, blocks, template)
+            tokens = sum(
+                int(c.mask.sum()) if c.mask is not None else dense[b].shape[:2].numel()
+                for b, c in enumerate(calls[:n_fisher])
+            )
+            sums: dict[str, float] = {}
+            for i in reversed(range(len(blocks))):
+                grads = self._block_gradients(blocks, i, inputs[i], grads, calls, members_of[i], sums)
+            for c in curves:
+                c.sensitivity = sums.get(c.name, 0.0) / (max(tokens, 1) * max(c.d_out, 1))
+        t2 = time.perf_counter()
+        timings = {"survey_s": round(t1 - t0, 3), "sensitivity_s": round(t2 - t1, 3)}
+        return curves, fixed, fixed_removed, timings
+
+    def _head_gradients(self, finals, calls, batches, blocks, template) -> list[torch.Tensor]:
+        """∂L/∂(final hidden states) per batch: the model run with its blocks replaced by a replay."""
+        from .budget import lm_loss_sum
+
+        leaves = [self._load(h).clone().requires_grad_(True) for h in finals]
+        replay = _Replay(leaves, template, lambda h: h)
+        saved = list(blocks.modules)
+        requires = {n: p.requires_grad for n, p in self.model.named_parameters()}
+        for i in range(len(blocks)):
+            blocks.modules[i] = replay if i == 0 else _PassThrough(template)
+        try:
+            self.model.requires_grad_(False)
+            with torch.enable_grad(), exact_matmuls():
+                for b in range(len(leaves)):
+                    replay.batch = b
+                    batch = {k: v.to(self._embed_device()) for k, v in batches[b].items()}
+                    logits = self.model(**batch, **_no_cache(self.model)).logits
+                    lm_loss_sum(logits, batch).backward()
+        finally:
+            for i, m in enumerate(saved):
+                blocks.modules[i] = m
+            for n, p in self.model.named_parameters():
+                p.requires_grad_(requires[n])
+        return [self._park(leaf.grad) for leaf in leaves]
+
+    def _block_gradients(self, blocks, i, inputs, grads, calls, members, sums) -> list[torch.Tensor]:
+        """Backpropagate ``grads`` (∂L/∂ block i's output) through block i; add Σ‖∂L/∂y‖² per group."""
+        block, prefix = blocks.modules[i], blocks.name(i)
+        self.source.materialize(block, prefix, self.device)
+        block.requires_grad_(False)
+        modules = dict(block.named_modules())
+        handles = []
+
+        def add(group: str, g: torch.Tensor) -> None:
+            sums[group] = sums.get(group, 0.0) + float(g.double().square().sum())
+
+        def watch(group: str):
+            def hook(module: nn.Module, args: Any, out: torch.Tensor) -> None:
+                if out.requires_grad:
+                    out.register_hook(lambda g: add(group, g))
+
+            return hook
+
+        for group, names in members.items():
+            handles.extend(modules[n].register_forward_hook(watch(group)) for n in names)
+        out_grads = []
+        try:
+            with torch.enable_grad(), exact_matmuls():
+                for b, (h, g) in enumerate(zip(inputs, grads, strict=True)):
+                    x = self._load(h).clone().requires_grad_(True)
+                    y = run_block(block, x, calls[b])
+                    torch.autograd.backward(y, self._load(g))
+                    out_grads.append(self._park(x.grad))
+        finally:
+            for handle in handles:
+                handle.remove()
+            self.source.release(block)
+        return out_grads
+
     # -- one block ----------------------------------------------------------------------------
     def _independent_block(self, block, local, dense, calls) -> tuple[list[Group], dict]:
         """Statistics from the dense stream (one pass that also advances it), then factors."""
@@ -392,6 +526,16 @@ def _output_structure(block: nn.Module, hidden: torch.Tensor, call: BlockCall) -
     """What a block returns: None for a tensor, else the length of its tuple."""
     out = block(hidden, *call.args, **call.kwargs)
     return len(out) if isinstance(out, (tuple, list)) else None
+
+
+def _output_structure_released(blocks: Blocks, engine: Engine, hidden: torch.Tensor, call: BlockCall) -> int | None:
+    """:func:`_output_structure` of block 0, loading it for the call and releasing it after."""
+    block = blocks.modules[0]
+    engine.source.materialize(block, blocks.name(0), engine.device)
+    try:
+        return _output_structure(block, engine._load(hidden), call)
+    finally:
+        engine.source.release(block)
 
 
 def _no_cache(model: nn.Module) -> dict:

@@ -180,8 +180,40 @@ def test_cli_compress_meets_a_parameter_ratio(tiny_llama_dir, code_corpus, tmp_p
     assert report["groups_factorized"] > 0 and report["budget"]["allocation"] == "fisher"
     assert report["params_after"] <= report["budget"]["params_target"]
     assert 0.75 < report["params_ratio"] <= 0.8
+    assert report["block_by_block"] and report["budget"]["sensitivity_s"] > 0  # the streamed survey
     model = le.load(out)
     assert sum(p.numel() for p in model.parameters()) == report["params_after"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "phi3", "bert"])
+def test_streamed_survey_equals_the_whole_model_survey(arch):
+    """One block at a time (spectra, then gradients carried back block by block) gives the whole-model
+    survey's curves and Fisher sensitivities; overrides are fixed the same way."""
+    from lord_export.budget import streamed_survey, survey
+    from lord_export.engine import Engine, find_streamable_blocks
+    from lord_export.targets import select_targets
+
+    allocation = "spectrum" if arch == "bert" else "fisher"  # bert is no causal LM
+    exclude = ("re:pooler\\..*",) if arch == "bert" else ()  # a target outside the blocks goes the whole-model way
+    config = le.LordConfig(
+        param_ratio=0.8, allocation=allocation, overrides={"re:.*\\.0\\..*": "dense"}, exclude=exclude
+    )
+    model = tiny_model(arch)
+    batches = correlated_batches(n_batches=5, batch=2, seq=24)
+    batches[1]["attention_mask"][0, -7:] = 0  # padding is left out of the loss and the token count
+    layers = select_targets(model, config.targets, config.exclude)
+    whole = survey(model, batches, config, layers)
+    blocks, why = find_streamable_blocks(model)
+    assert blocks is not None, why
+    streamed = streamed_survey(Engine(model, config, device="cpu"), batches, blocks)
+    assert [c.name for c in streamed.curves] == [c.name for c in whole.curves] and whole.curves
+    for a, b in zip(streamed.curves, whole.curves, strict=True):
+        assert torch.allclose(a.spectrum, b.spectrum, rtol=1e-9, atol=1e-9 * float(b.spectrum[0]))
+        assert a.sensitivity == pytest.approx(b.sensitivity, rel=1e-5)
+    assert streamed.fixed == whole.fixed and streamed.fixed and streamed.fixed_removed == whole.fixed_removed
+    assert streamed.total == whole.total
+    if allocation == "fisher":
+        assert len({c.sensitivity for c in streamed.curves}) > 1
 
 
 def test_fisher_sensitivity_is_the_mean_squared_output_gradient():
