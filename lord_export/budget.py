@@ -7,6 +7,10 @@ follows reuses them — and, for the ``fisher`` allocation, one forward + backwa
 group's sensitivity), then the allocation (:mod:`lord_export.allocate`), then the compression itself
 with the chosen ranks (any calibration mode). Groups named by ``config.overrides`` keep their
 override and count against the budget as fixed.
+
+For a model read from its checkpoint one block at a time, :func:`streamed_survey` does the same
+with one block in memory (:meth:`lord_export.engine.Engine.survey`); nothing is kept for reuse there,
+so the compression pass calibrates again.
 """
 
 from __future__ import annotations
