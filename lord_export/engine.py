@@ -293,7 +293,7 @@ class Engine:
                             fixed_removed += group.dense_params - group.factor_params if group.factorized else 0
                             continue
                         W = stacked_weight(modules, group).to(self.stats_device)
-                        spectrum = fz.output_spectrum(W, calibration.of(names[0]).C)[0].cpu()
+                        spectrum = fz.output_eigenvalues(W, calibration.of(names[0]).C).cpu()
                         kind = ",".join(m.name.rsplit(".", 1)[-1] for m in group.members)
                         curves.append(GroupCurve(full.name, kind, group.d_in, group.d_out, spectrum))
                         members_of[i][full.name] = names

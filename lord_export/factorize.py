@@ -73,6 +73,28 @@ def output_spectrum(
     return evals.clamp_min(0), evecs
 
 
+def output_eigenvalues(W: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """The eigenvalues of :func:`output_spectrum` alone, descending (what a rank allocation needs).
+
+    No eigenvectors are formed, which is several times cheaper: ``eigvalsh`` of W C Wᵀ when
+    d_out <= d_in, else of Lᵀ WᵀW L with C = L Lᵀ (the same non-zero eigenvalues, d_in × d_in); a C
+    that is not numerically positive definite (fewer calibration tokens than features) takes its
+    square root from an eigendecomposition instead of Cholesky.
+    """
+    W, C = W.double(), C.double()
+    d_out, d_in = W.shape
+    if d_out <= d_in:
+        M = W @ C @ W.T
+        return torch.linalg.eigvalsh((M + M.T) / 2).flip(0).clamp_min(0)
+    C = (C + C.T) / 2
+    L, info = torch.linalg.cholesky_ex(C)
+    if int(info) != 0:
+        lam, Q = torch.linalg.eigh(C)
+        L = Q * lam.clamp_min(0).sqrt()
+    K = L.T @ (W.T @ W) @ L
+    return torch.linalg.eigvalsh((K + K.T) / 2).flip(0).clamp_min(0)
+
+
 def lord(W: torch.Tensor, C: torch.Tensor, rank: int, *, decomposition: tuple | None = None) -> Factors:
     """Activation-aware optimal rank-``rank`` factorization of W for inputs with covariance C.
 

@@ -138,3 +138,14 @@ def test_float32_spectrum_gives_near_optimal_factors(d_out, d_in):
         err32, bound = fz.relative_error(W, A, A.T @ W, C), fz.optimal_relative_error(spectrum, rank)
         assert bound * (1 - 1e-9) <= err32 < bound * (1 + 1e-6)
     assert torch.allclose(evals32.double(), spectrum, rtol=1e-3, atol=1e-4 * float(spectrum[0]))
+
+
+@pytest.mark.parametrize("d_out,d_in,n", [(24, 40, 400), (60, 20, 400), (60, 20, 12)])  # the last: C singular
+def test_output_eigenvalues_are_the_output_spectrum(d_out, d_in, n):
+    W = torch.randn(d_out, d_in, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    X = correlated_inputs(d_in, n, seed=4)
+    C = X @ X.T
+    evals, _ = fz.output_spectrum(W, C)
+    fast = fz.output_eigenvalues(W, C)
+    assert fast.shape == evals.shape
+    assert torch.allclose(fast, evals, rtol=1e-8, atol=1e-10 * float(evals[0]))
