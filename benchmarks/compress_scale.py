@@ -9,7 +9,9 @@ at a time, so writing it needs little memory), then runs
 --rank-reduction 0.3`` in a subprocess and reads its peak RSS (``getrusage(RUSAGE_CHILDREN)``,
 the same number ``/usr/bin/time -v`` prints), its wall time and the time of each block from the
 report. Prints a table, the peak-RSS ratio between the largest and smallest layer count, and the
-time extrapolated to 32 layers (fixed part + per-block time × 32); writes
+time extrapolated to 32 layers (fixed part + per-block time × 32); with ``--with-budget`` each model
+is compressed a second time with ``--param-ratio`` at the ratio uniform reached (fisher allocation,
+the streamed survey), for what the budget adds to time and memory; writes
 ``benchmarks/results/compress_scale_<device>.json``.
 """
 
@@ -81,10 +83,13 @@ def _write_tokenizer(directory: Path) -> None:
     )
 
 
-def run_compress(model_dir: Path, out: Path, calib: list[str], device: str, calibration: str) -> dict:
+def run_compress(
+    model_dir: Path, out: Path, calib: list[str], device: str, calibration: str, param_ratio: float | None = None
+) -> dict:
+    size = ["--rank-reduction", "0.3"] if param_ratio is None else ["--param-ratio", f"{param_ratio:.6f}"]
     argv = [
         "compress", str(model_dir), str(out), "--calib", *calib, "--calib-samples", "16", "--calib-seqlen", "256",
-        "--rank-reduction", "0.3", "--device", device, "--calibration", calibration, "--max-shard-size", "1GB", "-q",
+        *size, "--device", device, "--calibration", calibration, "--max-shard-size", "1GB", "-q",
     ]  # fmt: skip
     # the CLI in a fresh process that reports its own peak RSS (what /usr/bin/time -v calls "maximum resident")
     code = (
@@ -106,6 +111,11 @@ def main() -> None:
     p.add_argument("--layers", type=int, nargs="+", default=[2, 4])
     p.add_argument("--device", default="cpu")
     p.add_argument("--calibration", default="independent")
+    p.add_argument(
+        "--with-budget",
+        action="store_true",
+        help="also compress each model with --param-ratio at the ratio uniform reached (the streamed survey's cost)",
+    )
     p.add_argument("--work", default=None, help="scratch folder (default: a temporary one, removed afterwards)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -141,8 +151,28 @@ def main() -> None:
             )
             import shutil
 
-            shutil.rmtree(d)
             shutil.rmtree(out)
+            if args.with_budget:
+                ratio = r["report"]["params_after"] / r["report"]["params_before"]
+                b = run_compress(d, out, calib, args.device, args.calibration, param_ratio=ratio)
+                budget = b["report"]["budget"]
+                rows[-1]["budget"] = {
+                    "param_ratio": ratio,
+                    "params_after": b["report"]["params_after"],
+                    "seconds": b["seconds"],
+                    "peak_rss_gib": b["peak_rss_gib"],
+                    "survey_s": budget["survey_s"],
+                    "sensitivity_s": budget["sensitivity_s"],
+                    "added": b["seconds"] / r["seconds"] - 1,
+                }
+                print(
+                    f"  --param-ratio {ratio:.4f} (fisher): {b['seconds']:.0f} s (survey {budget['survey_s']:.0f} s, "
+                    f"sensitivity {budget['sensitivity_s']:.0f} s; {b['seconds'] / r['seconds'] - 1:+.0%} over "
+                    f"uniform), peak RSS {b['peak_rss_gib']:.2f} GiB",
+                    flush=True,
+                )
+                shutil.rmtree(out)
+            shutil.rmtree(d)
     per_block = sum(sum(r["blocks_s"]) for r in rows) / sum(r["layers"] for r in rows)
     fixed = min(r["fixed_s"] for r in rows)
     result = {
