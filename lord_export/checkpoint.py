@@ -8,8 +8,8 @@ shards ``model-00001-of-0000N.safetensors`` plus ``model.safetensors.index.json`
 * :class:`CheckpointReader` opens every shard lazily (``safe_open``) and reads one tensor at a time,
   so a block's weights can be loaded without the rest of the model. ``safe_open`` memory-maps the
   file and the pages it reads stay resident (and counted in the process's RSS) while the file is
-  open, so :meth:`CheckpointReader.close` is called after each block: a tensor still in use keeps
-  its own pages, everything else read so far leaves memory.
+  open — and while any tensor viewing the map lives, so readers copy what they keep
+  (``CheckpointWeights.load_into``) and :meth:`CheckpointReader.close` is called after each block.
 * :class:`ShardWriter` takes tensors a block at a time and writes a shard whenever the next block
   would push the current one past ``max_shard_bytes``: memory holds at most one shard's worth,
   whatever the depth of the model.

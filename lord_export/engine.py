@@ -103,9 +103,10 @@ class CheckpointWeights(WeightSource):
                     missing.append(full)
                     continue
                 t = self.reader.get(ckpt)
-                if self.dtype is not None and t.is_floating_point():
-                    t = t.to(self.dtype)
-                state[local] = t.to(device)
+                dtype = self.dtype if self.dtype is not None and t.is_floating_point() else t.dtype
+                # a copy, never a view of the memory map: a view would pin the shard's whole mapping
+                # (every page read from it) for as long as the tensor lives, e.g. in the writer's buffer
+                state[local] = t.to(device=device, dtype=dtype, copy=True)
         finally:
             # unmap the shards: pages of blocks already done would otherwise stay in RSS
             self.reader.close()

@@ -222,6 +222,31 @@ def test_block_reads_leave_no_shard_mapped(tmp_path):
     assert len(reader.load_all()) == 3 and reader.open_files == 0
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads RssFile from /proc/self/status")
+def test_loaded_weights_do_not_pin_the_shard_mapping(tmp_path):
+    """A kept tensor that viewed the shard's memory map would keep every page read from that shard
+    resident; loaded weights are copies, so once a block is read the file's pages leave the RSS."""
+    from safetensors.torch import save_file
+
+    from lord_export.engine import CheckpointWeights
+
+    def rss_file_mib() -> float:
+        line = next(x for x in open("/proc/self/status") if x.startswith("RssFile:"))
+        return int(line.split()[1]) / 1024
+
+    save_file(
+        {"big.weight": torch.randn(4096, 4096), "small.weight": torch.randn(4, 4)}, str(tmp_path / "model.safetensors")
+    )
+    with torch.device("meta"):
+        block = nn.ModuleDict({"big": nn.Linear(4096, 4096, bias=False), "small": nn.Linear(4, 4, bias=False)})
+    before = rss_file_mib()
+    names = {n: n for n in block.state_dict()}
+    assert not CheckpointWeights(CheckpointReader(tmp_path), dtype=None).load_into(block, names, "cpu")
+    assert float(block["big"].weight.sum()) != 0.0  # every page of the 64 MiB tensor read
+    block["big"].to("meta")  # the block's big part is released; the small tensor stays (as in a writer's buffer)
+    assert rss_file_mib() - before < 16
+
+
 @pytest.fixture(scope="module")
 def bf16_sharded_dir(tmp_path_factory):
     from tests.conftest import make_tokenizer
