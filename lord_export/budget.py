@@ -35,8 +35,20 @@ from .targets import pattern_matches, select_targets
 
 log = logging.getLogger(__name__)
 
-#: Calibration batches the Fisher sensitivity pass uses at most (its gradients converge quickly).
-SENSITIVITY_BATCHES = 4
+#: Tokens the Fisher sensitivity pass uses: the first calibration batches up to at least this many
+#: (whole batches, at least one). A forward + backward costs about three calibration forwards, and
+#: per-group means of squared gradients settle on a few thousand tokens.
+SENSITIVITY_TOKENS = 4096
+
+
+def sensitivity_batch_count(batches: Sequence[dict[str, torch.Tensor]], max_tokens: int = SENSITIVITY_TOKENS) -> int:
+    """How many leading batches the Fisher pass uses: the fewest that hold ``max_tokens`` tokens."""
+    tokens = 0
+    for i, batch in enumerate(batches):
+        tokens += int(batch["input_ids"].numel())
+        if tokens >= max_tokens:
+            return i + 1
+    return len(batches)
 
 
 @dataclass
@@ -107,7 +119,7 @@ def fisher_sensitivities(
         for p in model.parameters():
             p.requires_grad_(False)
         with torch.enable_grad():
-            for batch in batches[:SENSITIVITY_BATCHES]:
+            for batch in batches[: sensitivity_batch_count(batches)]:
                 batch = {k: v.to(device) for k, v in batch.items()}
                 logits = model(**batch, use_cache=False).logits
                 lm_loss_sum(logits, batch).backward()
@@ -183,7 +195,7 @@ def streamed_survey(engine: Any, batches: Sequence[dict[str, torch.Tensor]], blo
     if fisher:
         check_causal_lm(engine.model)
     curves, fixed, fixed_removed, timings = engine.survey(
-        batches, blocks, fisher=fisher, fisher_batches=SENSITIVITY_BATCHES
+        batches, blocks, fisher=fisher, fisher_batches=sensitivity_batch_count(batches)
     )
     return Survey(curves, fixed_removed, fixed, count_parameters(engine.model), None, {}, timings)
 

@@ -234,3 +234,13 @@ def test_fisher_sensitivity_is_the_mean_squared_output_gradient():
     expected = float(g.double().square().sum()) / (ids.numel() * layer.out_features)
     assert s == pytest.approx(expected, rel=1e-4)
     assert all(p.requires_grad for p in model.parameters())  # restored
+
+
+def test_sensitivity_pass_takes_whole_batches_up_to_its_token_count():
+    from lord_export.budget import sensitivity_batch_count
+
+    batches = correlated_batches(n_batches=5, batch=2, seq=24)  # 48 tokens each
+    assert sensitivity_batch_count(batches, 100) == 3
+    assert sensitivity_batch_count(batches, 10) == 1
+    assert sensitivity_batch_count(batches, 48) == 1
+    assert sensitivity_batch_count(batches, 10_000) == 5
