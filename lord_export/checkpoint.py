@@ -10,9 +10,10 @@ shards ``model-00001-of-0000N.safetensors`` plus ``model.safetensors.index.json`
   file and the pages it reads stay resident (and counted in the process's RSS) while the file is
   open — and while any tensor viewing the map lives, so readers copy what they keep
   (``CheckpointWeights.load_into``) and :meth:`CheckpointReader.close` is called after each block.
-* :class:`ShardWriter` takes tensors a block at a time and writes a shard whenever the next block
-  would push the current one past ``max_shard_bytes``: memory holds at most one shard's worth,
-  whatever the depth of the model.
+* :class:`ShardWriter` takes tensors a block at a time and writes their bytes straight into the open
+  shard file, starting a new shard whenever the next block would push the current one past
+  ``max_shard_bytes``; only the headers wait in memory, so the writer holds no tensor data (beyond
+  odd-sized stragglers) whatever the depth of the model or the shard size.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import struct
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -33,6 +36,22 @@ WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 2 << 30
 _METADATA = {"format": "pt", "lord_export": "1"}
+HEADER_RESERVE = 64 << 10  # room left for a shard's header: ~400 tensors' entries
+_COMPACT_BELOW = 1024  # shards with less data than 1024 reserves (64 MiB) are rewritten without padding
+_DTYPE_NAMES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
 
 
 def parse_size(text: str | int) -> int:
@@ -106,38 +125,95 @@ class CheckpointReader:
 
 
 class ShardWriter:
-    """Write a state dict block by block into ``directory`` as HF shards (see the module docstring)."""
+    """Write a state dict block by block into ``directory`` as HF shards (see the module docstring).
 
-    def __init__(self, directory: str | Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
+    Tensor bytes go to the open shard file as they arrive; only the header (names, dtypes, shapes,
+    offsets) waits in memory until the shard is closed. A safetensors file starts with its header, so
+    each shard file begins with ``header_reserve`` bytes left for it: the header is written there when
+    the shard closes, padded with spaces (the format allows trailing whitespace). A shard whose header
+    does not fit, or whose data is small enough that the reserve would be a visible share of the
+    file, is rewritten compactly (header, then the data copied in chunks): bounded memory either way.
+    Tensors whose byte size is not a multiple of 8 wait (in memory) for the end of their shard, where
+    they are written largest item size first, so every tensor starts aligned to its element size.
+    """
+
+    def __init__(
+        self,
+        directory: str | Path,
+        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+        header_reserve: int = HEADER_RESERVE,
+    ):
+        if header_reserve < 16 or header_reserve % 8:
+            raise ValueError(f"header_reserve must be a multiple of 8 and >= 16, got {header_reserve}")
         self.directory = Path(directory)
         self.max_shard_bytes = max_shard_bytes
-        self._buffer: dict[str, torch.Tensor] = {}
-        self._buffered = 0
+        self.header_reserve = header_reserve
+        self._file: Any = None
+        self._entries: dict[str, dict[str, Any]] = {}
+        self._deferred: dict[str, torch.Tensor] = {}
+        self._offset = 0  # bytes of tensor data written to the open shard
+        self._shard_bytes = 0  # written + deferred
+        self._names: set[str] = set()
         self._parts: list[tuple[Path, list[str]]] = []
         self.total_bytes = 0
 
     def add(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Add one block's tensors; flushes the current shard first if they would overflow it."""
+        """Add one block's tensors; closes the current shard first if they would overflow it."""
         size = sum(t.numel() * t.element_size() for t in tensors.values())
-        if self._buffer and self._buffered + size > self.max_shard_bytes:
+        if self._shard_bytes and self._shard_bytes + size > self.max_shard_bytes:
             self.flush()
         for name, t in tensors.items():
-            if name in self._buffer or any(name in names for _, names in self._parts):
+            if name in self._names:
                 raise ValueError(f"tensor {name!r} written twice")
-            self._buffer[name] = t.detach().to("cpu").contiguous()
-        self._buffered += size
+            if t.dtype not in _DTYPE_NAMES:
+                raise ValueError(f"tensor {name!r}: dtype {t.dtype} cannot be stored in safetensors")
+            self._names.add(name)
+            t = t.detach().to("cpu").contiguous()
+            if (t.numel() * t.element_size()) % 8:
+                self._deferred[name] = t
+            else:
+                self._write(name, t)
+        if self._file is not None:
+            self._file.flush()
+        self._shard_bytes += size
+
+    def _write(self, name: str, t: torch.Tensor) -> None:
+        if self._file is None:
+            path = self.directory / f".part-{len(self._parts):05d}.safetensors"
+            self._file = open(path, "wb")
+            self._file.seek(self.header_reserve)
+        nbytes = t.numel() * t.element_size()
+        if nbytes:
+            self._file.write(t.reshape(-1).view(torch.uint8).numpy().data)
+        self._entries[name] = {
+            "dtype": _DTYPE_NAMES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [self._offset, self._offset + nbytes],
+        }
+        self._offset += nbytes
 
     def flush(self) -> None:
-        if not self._buffer:
+        """Close the current shard: its deferred tensors, then its header."""
+        if not self._shard_bytes and self._file is None and not self._deferred:
             return
-        path = self.directory / f".part-{len(self._parts):05d}.safetensors"
-        save_file(self._buffer, str(path), metadata=_METADATA)
-        self._parts.append((path, list(self._buffer)))
-        self.total_bytes += self._buffered
-        self._buffer, self._buffered = {}, 0
+        for name, t in sorted(self._deferred.items(), key=lambda kv: (-kv[1].element_size(), kv[0])):
+            self._write(name, t)
+        self._deferred = {}
+        f, path = self._file, Path(self._file.name)
+        header = json.dumps({"__metadata__": _METADATA, **self._entries}, separators=(",", ":")).encode()
+        if 8 + len(header) <= self.header_reserve and self._offset >= _COMPACT_BELOW * self.header_reserve:
+            f.seek(0)
+            f.write(struct.pack("<Q", self.header_reserve - 8) + header.ljust(self.header_reserve - 8, b" "))
+            f.close()
+        else:
+            f.close()
+            _rewrite_compact(path, header, self.header_reserve, self._offset)
+        self._parts.append((path, list(self._entries)))
+        self.total_bytes += self._offset
+        self._file, self._entries, self._offset, self._shard_bytes = None, {}, 0, 0
 
     def close(self) -> list[Path]:
-        """Flush, give the shards their final names and write the index (only when > 1 shard)."""
+        """Close the last shard, give the shards their final names and write the index (only when > 1 shard)."""
         self.flush()
         n = len(self._parts)
         if n == 0:
@@ -156,3 +232,26 @@ class ShardWriter:
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         return finals
+
+    def abort(self) -> None:
+        """Close the open shard file without finishing it (the caller removes the directory)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _rewrite_compact(path: Path, header: bytes, data_start: int, data_bytes: int) -> None:
+    """Rewrite ``path`` as header (padded to 8 bytes) + its data, copying the data in chunks."""
+    header = header.ljust(-(-(8 + len(header)) // 8) * 8 - 8, b" ")
+    tmp = path.with_name(path.name + ".compact")
+    with open(path, "rb") as src, open(tmp, "wb") as dst:
+        dst.write(struct.pack("<Q", len(header)) + header)
+        src.seek(data_start)
+        left = data_bytes
+        while left:
+            chunk = src.read(min(left, 16 << 20))
+            if not chunk:
+                raise OSError(f"{path}: shard data ended {left} bytes early")
+            dst.write(chunk)
+            left -= len(chunk)
+    os.replace(tmp, path)

@@ -83,11 +83,13 @@ def compress(
         data = [b if isinstance(b, dict) else {"input_ids": b} for b in data]
         budget = plan_budget(model, data, config, layers, surveyed=surveyed)
     if budget is not None and config.calibration == "independent":  # the survey's statistics are the answer
-        plan = make_plan(model, budget.calibration, layers, config, cache=budget.cache, ranks=budget.ranks)
+        plan = make_plan(
+            model, budget.calibration, layers, config, cache=budget.cache, ranks=budget.ranks, base_model=base
+        )
         apply_plan(model, plan)
         plan.report = {"calibration": {"batches": budget.calibration.batches}}
     elif blocks is None:
-        plan = _compress_whole_model(model, data, config, why, progress)
+        plan = _compress_whole_model(model, data, config, why, progress, base)
     else:
         batches = [b if isinstance(b, dict) else {"input_ids": b} for b in data]
         ranks = budget.ranks if budget is not None else None
@@ -110,14 +112,16 @@ def compress(
     return plan
 
 
-def _compress_whole_model(model: nn.Module, data: CalibrationData, config: LordConfig, why: str, progress: bool):
+def _compress_whole_model(
+    model: nn.Module, data: CalibrationData, config: LordConfig, why: str, progress: bool, base: dict[str, Any]
+):
     """Calibrate the whole model at once (statistics of every layer in memory together)."""
     if config.calibration != "independent":
         raise UsageError(f"calibration {config.calibration!r} needs block-by-block processing, but {why}")
     log.warning("calibrating the whole model at once: %s", why)
     layers = select_targets(model, config.targets, config.exclude)
     calibration = calibrate(model, data, layers, progress=progress)
-    plan = make_plan(model, calibration, layers, config, progress=progress)
+    plan = make_plan(model, calibration, layers, config, progress=progress, base_model=base)
     apply_plan(model, plan, allow_mismatch=True)  # made from this very model
     plan.warnings.append(f"whole-model calibration: {why}")
     plan.report = {"calibration": {"batches": calibration.batches}}
@@ -296,17 +300,21 @@ def _compress_streamed(model, model_dir, blocks, tmp, calib_set, config, dtype, 
     writer = ShardWriter(tmp, max_shard_bytes)
     stream["progress"](f"compressing {len(blocks)} blocks of {blocks.path} one at a time on {stream['device']}")
     engine = Engine(model, config, source=source, writer=writer, **stream)
-    budget = None
-    if config.param_ratio is not None:
-        from .budget import streamed_survey
+    try:
+        budget = None
+        if config.param_ratio is not None:
+            from .budget import streamed_survey
 
-        stream["progress"](f"surveying {len(blocks)} blocks for the parameter budget (spectra, then sensitivities)")
-        batches = list(calib_set.batches())
-        budget = plan_budget(model, batches, config, [], surveyed=streamed_survey(engine, batches, blocks))
-        engine.ranks = budget.ranks
-    result = engine.run(calib_set.batches(), blocks)
-    tied = engine.write_rest(blocks)
-    writer.close()
+            stream["progress"](f"surveying {len(blocks)} blocks for the parameter budget (spectra, then sensitivities)")
+            batches = list(calib_set.batches())
+            budget = plan_budget(model, batches, config, [], surveyed=streamed_survey(engine, batches, blocks))
+            engine.ranks = budget.ranks
+        result = engine.run(calib_set.batches(), blocks)
+        tied = engine.write_rest(blocks)
+        writer.close()
+    except BaseException:
+        writer.abort()  # the open shard file; the caller removes the directory
+        raise
     plan = Plan(config=config, groups=result.groups, warnings=result.warnings, base_model=base)
     saved = sum(g.dense_params - g.factor_params for g in plan.factorized_groups)
     write_config_and_tokenizer(tmp, model, plan, model_dir)

@@ -222,10 +222,12 @@ def make_plan(
     progress: bool = False,
     cache: dict | None = None,
     ranks: Mapping[str, int | None] | None = None,
+    base_model: dict[str, Any] | None = None,
 ) -> Plan:
     """Factorize every group of ``layers`` with ``config.method`` and return the plan with factors.
 
-    ``cache``: see :func:`factorize_group` (for several plans from one calibration).
+    ``cache``: see :func:`factorize_group` (for several plans from one calibration). ``base_model``:
+    the dense model's :func:`describe_model`, when the caller took it already (it reads every weight).
     """
     modules = dict(model.named_modules())
     linears = find_linears(model)
@@ -247,4 +249,6 @@ def make_plan(
             tensors.update(factorize_group(modules, group, stats, config.method, cache))
         groups.append(group)
     warnings = list(calibration.warnings)
-    return Plan(config=config, groups=groups, warnings=warnings, base_model=describe_model(model), tensors=tensors)
+    return Plan(
+        config=config, groups=groups, warnings=warnings, base_model=base_model or describe_model(model), tensors=tensors
+    )

@@ -200,6 +200,68 @@ def test_shard_writer_splits_and_indexes(tmp_path):
     assert not list(tmp_path.glob(".part-*"))
 
 
+def test_shard_writer_streams_bytes_and_keeps_no_tensor(tmp_path):
+    """A block's bytes reach the shard file when it is added; the writer keeps no reference to it."""
+    import weakref
+
+    writer = ShardWriter(tmp_path)
+    block = {"layers.0.w": torch.randn(256, 256), "layers.0.b": torch.randn(256)}
+    refs = [weakref.ref(t) for t in block.values()]
+    writer.add(block)
+    del block
+    assert all(r() is None for r in refs)
+    (part,) = tmp_path.glob(".part-*")
+    assert part.stat().st_size == writer.header_reserve + (256 * 256 + 256) * 4
+    writer.close()
+    assert CheckpointReader(tmp_path).get("layers.0.w").shape == (256, 256)
+
+
+@pytest.mark.parametrize("reserve", [16, 1024], ids=["header-overflows", "header-in-reserve"])
+def test_shard_writer_dtypes_alignment_and_header(tmp_path, reserve):
+    """Every dtype round-trips; odd-sized tensors go last so each tensor starts aligned to its item
+    size; the header fills its reserve (padded with spaces) or the shard is rewritten compactly."""
+    import struct
+
+    from transformers.modeling_utils import load_state_dict
+
+    tensors = {
+        "a.bf16": torch.randn(3, 5).to(torch.bfloat16),  # 30 bytes: deferred
+        "b.f32": torch.randn(512, 520),  # > 1 MiB: no compaction with a 1 KiB reserve
+        "c.i64": torch.tensor(3),
+        "d.bool": torch.tensor([True, False, True]),
+        "e.empty": torch.zeros(0, 4),
+        "f.f8": torch.randn(7).to(torch.float8_e4m3fn),
+        "g.f64": torch.randn(4, 4, dtype=torch.float64),
+        "h.f16": torch.randn(3).half(),
+    }
+    writer = ShardWriter(tmp_path, header_reserve=reserve)
+    writer.add({k: tensors[k] for k in ("a.bf16", "b.f32", "c.i64")})
+    writer.add({k: tensors[k] for k in ("d.bool", "e.empty", "f.f8", "g.f64", "h.f16")})
+    (path,) = writer.close()
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + n])
+    assert (8 + n) % 8 == 0
+    assert (8 + n == reserve) == (reserve == 1024)  # fits the 1 KiB reserve; overflows 16 bytes
+    data = len(raw) - 8 - n
+    assert data == sum(t.numel() * t.element_size() for t in tensors.values())
+    for name, t in tensors.items():
+        start, end = header[name]["data_offsets"]
+        assert start % t.element_size() == 0 and end - start == t.numel() * t.element_size()
+    loaded = load_state_dict(str(path))  # what transformers' loader reads
+    for name, t in tensors.items():
+        got = CheckpointReader(tmp_path).get(name)
+        assert got.dtype == t.dtype and got.shape == t.shape and loaded[name].dtype == t.dtype
+        assert torch.equal(got.reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8))
+    again = ShardWriter(tmp_path / "again")
+    (tmp_path / "again").mkdir()
+    again.add({"x": torch.ones(2)})
+    with pytest.raises(ValueError, match="written twice"):
+        again.add({"x": torch.ones(2)})
+    with pytest.raises(ValueError, match="cannot be stored"):
+        again.add({"z": torch.ones(2, dtype=torch.complex64)})
+
+
 def test_block_reads_leave_no_shard_mapped(tmp_path):
     """After a block is loaded its shards are closed: their mapped pages would stay in RSS."""
     from lord_export.engine import CheckpointWeights
