@@ -76,61 +76,83 @@ def lm_loss_sum(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.T
     return torch.nn.functional.cross_entropy(logits[:, :-1][keep].float(), ids[:, 1:][keep], reduction="sum")
 
 
-def fisher_sensitivities(
-    model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], groups: dict[str, list[str]]
-) -> dict[str, float]:
-    """s_g = Σ_t ‖∂L/∂y_t‖² / (N · d_out) per group (see :mod:`lord_export.allocate`).
+class SensitivityProbe:
+    """Sums ‖∂L/∂y_t‖² over the output rows of every watched layer, one forward + backward per batch.
 
-    ``groups`` maps a group's name to its member layers; L is the summed next-token cross-entropy
-    of the calibration batches (padding masked). Parameters get no gradients: the input
-    embeddings' output is made to require grad instead, so memory stays that of activations.
+    L is the summed next-token cross-entropy of the batch (padding masked). Parameters get no
+    gradients: the input embeddings' output is made to require grad instead, so memory stays that
+    of activations. Hooks live only during :meth:`run`, so the same model can run other forwards in
+    between (the survey folds the probe's batches into its calibration pass).
     """
-    from .hf import model_device
 
-    check_causal_lm(model)
-    embed = model.get_input_embeddings()
-    member_of = {m: g for g, members in groups.items() for m in members}
-    sums = dict.fromkeys(groups, 0.0)
-    width = dict.fromkeys(groups, 0)
-    modules = dict(model.named_modules())
-    handles = [embed.register_forward_hook(lambda mod, inp, out: out.requires_grad_())]
+    def __init__(self, model: nn.Module, layers: Sequence[str]):
+        check_causal_lm(model)
+        self.model = model
+        modules = dict(model.named_modules())
+        self.modules = {n: modules[n] for n in layers}
+        self.width = {
+            n: m.weight.shape[0] if isinstance(m, nn.Linear) else m.weight.shape[1] for n, m in self.modules.items()
+        }
+        self.sums = dict.fromkeys(self.modules, 0.0)
+        self.tokens = 0
 
-    def watch(layer: str):
+    def run(self, batch: dict[str, torch.Tensor]) -> None:
+        """One forward + backward of ``batch`` (moved to the model's device), gradients summed."""
+        from .hf import model_device
+
+        model, device = self.model, model_device(self.model)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        handles = [model.get_input_embeddings().register_forward_hook(lambda mod, inp, out: out.requires_grad_())]
+        for name, module in self.modules.items():
+            handles.append(module.register_forward_hook(self._watch(name)))
+        requires = {n: p.requires_grad for n, p in model.named_parameters()}
+        try:
+            for p in model.parameters():
+                p.requires_grad_(False)
+            with torch.enable_grad():
+                logits = model(**batch, use_cache=False).logits
+                lm_loss_sum(logits, batch).backward()
+        finally:
+            for h in handles:
+                h.remove()
+            for n, p in model.named_parameters():
+                p.requires_grad_(requires[n])
+        self.tokens += int(batch.get("attention_mask", torch.ones_like(batch["input_ids"])).sum())
+
+    def _watch(self, name: str):
         def hook(mod: nn.Module, inp: Any, out: torch.Tensor) -> None:
             if out.requires_grad:
-                out.register_hook(lambda g: _add(layer, g))
+                out.register_hook(lambda g: self._add(name, g))
 
         return hook
 
-    def _add(layer: str, g: torch.Tensor) -> None:
-        sums[member_of[layer]] += float(g.double().square().sum())
+    def _add(self, name: str, g: torch.Tensor) -> None:
+        flat = g.detach().reshape(-1).float()
+        self.sums[name] += float(torch.dot(flat, flat))  # float32 BLAS dot: no float64 copy
 
-    for layer, group in member_of.items():
-        handles.append(modules[layer].register_forward_hook(watch(layer)))
-        width[group] += (
-            modules[layer].weight.shape[0] if isinstance(modules[layer], nn.Linear) else modules[layer].weight.shape[1]
-        )
-    requires = {n: p.requires_grad for n, p in model.named_parameters()}
+    def sensitivities(self, groups: dict[str, list[str]]) -> dict[str, float]:
+        """s_g = Σ_t ‖∂L/∂y_t‖² / (N · d_out) per group (``groups``: name → member layers)."""
+        out = {}
+        for g, members in groups.items():
+            width = sum(self.width[m] for m in members)
+            out[g] = sum(self.sums[m] for m in members) / (max(self.tokens, 1) * max(width, 1))
+        return out
+
+
+def fisher_sensitivities(
+    model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], groups: dict[str, list[str]]
+) -> dict[str, float]:
+    """s_g = Σ_t ‖∂L/∂y_t‖² / (N · d_out) per group (see :mod:`lord_export.allocate`), on the first
+    calibration batches holding :data:`SENSITIVITY_TOKENS` tokens (:class:`SensitivityProbe`)."""
+    probe = SensitivityProbe(model, [m for members in groups.values() for m in members])
     was_training = model.training
-    device = model_device(model)
-    tokens = 0
     try:
         model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        with torch.enable_grad():
-            for batch in batches[: sensitivity_batch_count(batches)]:
-                batch = {k: v.to(device) for k, v in batch.items()}
-                logits = model(**batch, use_cache=False).logits
-                lm_loss_sum(logits, batch).backward()
-                tokens += int(batch.get("attention_mask", torch.ones_like(batch["input_ids"])).sum())
+        for batch in batches[: sensitivity_batch_count(batches)]:
+            probe.run(batch)
     finally:
-        for h in handles:
-            h.remove()
-        for n, p in model.named_parameters():
-            p.requires_grad_(requires[n])
         model.train(was_training)
-    return {g: sums[g] / (max(tokens, 1) * max(width[g], 1)) for g in groups}
+    return probe.sensitivities(groups)
 
 
 @dataclass
@@ -149,10 +171,31 @@ class Survey:
 def survey(
     model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], config: LordConfig, layers: list[str]
 ) -> Survey:
-    """Calibrate the dense model, decompose every group once, measure sensitivities (``fisher``)."""
+    """Calibrate the dense model, decompose every group once, measure sensitivities (``fisher``).
+
+    With ``fisher`` the probe's batches are calibration batches run with gradients: their forward
+    feeds the statistics too, so the sensitivities cost one backward pass over a few batches.
+    """
     t0 = time.perf_counter()
     check_overrides(config, layers)
-    calibration = calibrate(model, batches, layers)
+    probe = SensitivityProbe(model, layers) if config.allocation == "fisher" else None
+    probe_batches = sensitivity_batch_count(batches) if probe is not None else 0
+    probe_s = 0.0
+
+    def drive(m: nn.Module) -> None:
+        nonlocal probe_s
+        from .hf import model_device
+
+        device = model_device(m)
+        for i, batch in enumerate(batches):
+            if i < probe_batches:
+                t = time.perf_counter()
+                probe.run(batch)
+                probe_s += time.perf_counter() - t
+            else:
+                m(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
+
+    calibration = calibrate(model, drive, layers)
     modules = dict(model.named_modules())
     fixed: dict[str, int | None] = {}
     fixed_removed = 0
@@ -170,12 +213,11 @@ def survey(
         kind = ",".join(m.name.rsplit(".", 1)[-1] for m in group.members)
         curves.append(GroupCurve(group.name, kind, group.d_in, group.d_out, decomposition[0]))
         members_of[group.name] = names
-    t1 = time.perf_counter()
-    if config.allocation == "fisher" and curves:
-        for c, s in zip(curves, fisher_sensitivities(model, batches, members_of).values(), strict=True):
+    if probe is not None and curves:
+        for c, s in zip(curves, probe.sensitivities(members_of).values(), strict=True):
             c.sensitivity = s
-    t2 = time.perf_counter()
-    timings = {"survey_s": round(t1 - t0, 3), "sensitivity_s": round(t2 - t1, 3)}
+    # sensitivity_s: the forward + backward of the probe's batches (their forward also calibrated)
+    timings = {"survey_s": round(time.perf_counter() - t0 - probe_s, 3), "sensitivity_s": round(probe_s, 3)}
     return Survey(curves, fixed_removed, fixed, count_parameters(model), calibration, cache, timings)
 
 
