@@ -1,4 +1,4 @@
-"""How much of the perplexity lost to compression a short heal wins back, on the shipped reference model.
+"""How much of the perplexity lost to compression a short heal wins back (reference model, SmolLM2-135M).
 
 Protocol (as benchmarks/sweep_reference.py): compress with the calibration split of the standard
 library (128 blocks of 256 tokens) at ``--rank-reduction`` (all targets), evaluate on evenly spaced
@@ -9,6 +9,11 @@ the model nor the healing ever saw). Heal on the CALIBRATION split only (``--tra
 
     nice -n 10 python benchmarks/heal_recovery.py [--rank-reduction 0.7] [--steps 150] \
         [--settings lora factors lora+distill factors+distill]
+
+``--model smollm2 --model-dir "$(bash ../shared/tools/get-smollm2.sh)"`` uses the SmolLM2 protocol
+of ``quality_sweeps.py`` instead (compress on 16 × 256 tokens of 20 calibration files, evaluate on
+512-token windows of 12 evaluation files, ``--eval-tokens`` predicted tokens); ``--param-ratio P``
+compresses at a parameter budget with the fisher allocation instead of a uniform rank reduction.
 """
 
 from __future__ import annotations
@@ -49,9 +54,16 @@ def n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def setting_name(args: argparse.Namespace) -> str:
+    return f"rr {args.rank_reduction}" if args.param_ratio is None else f"param ratio {args.param_ratio}, fisher"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=["reference", "smollm2"], default="reference")
+    ap.add_argument("--model-dir", default=None, help="the model directory (needed for smollm2)")
     ap.add_argument("--rank-reduction", type=float, default=0.7)
+    ap.add_argument("--param-ratio", type=float, default=None, help="compress at this parameter budget (fisher)")
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument(
@@ -79,42 +91,60 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    model_dir = reference_model_dir()
+    if args.model == "smollm2" and not args.model_dir:
+        raise SystemExit("--model smollm2 needs --model-dir (bash ../shared/tools/get-smollm2.sh prints it)")
+    model_dir = Path(args.model_dir) if args.model_dir else reference_model_dir()
     tok = load_tokenizer(model_dir)
     calib_docs = list(read_documents(split_texts("calib")))
-    ids, mask = tokenize_blocks(tok, calib_docs, samples=128, seqlen=256)
-    windows = subsample_windows(document_windows(tok, read_documents(split_texts("eval")), 256), args.eval_tokens)
+    if args.model == "reference":
+        ids, mask = tokenize_blocks(tok, calib_docs, samples=128, seqlen=256)
+        calib = batches(ids, mask, 16)
+        windows = subsample_windows(document_windows(tok, read_documents(split_texts("eval")), 256), args.eval_tokens)
+        pad = tok.pad_token_id
+        compress_protocol = "calibration split, 128 x 256 tokens, all targets, method lord"
+        eval_window = 256
+    else:
+        from quality_sweeps import load_setting  # benchmarks/ is the script's directory
+
+        _, calib, windows, pad = load_setting("smollm2", str(model_dir), args.eval_tokens)
+        compress_protocol = "20 calibration-split files, 16 x 256 tokens, all targets, method lord"
+        eval_window = 512
     heal_docs = calib_docs if args.heal_split == "calib" else list(read_documents(utf8_files(split_texts("train"))))
     tr_ids, tr_mask = tokenize_blocks(tok, heal_docs, samples=args.train_blocks, seqlen=256)
     train = batches(tr_ids, tr_mask, args.batch_size)
 
     def ppl(model: torch.nn.Module) -> float:
-        return perplexity(model, windows, batch_size=16, pad_id=tok.pad_token_id).perplexity
+        return perplexity(model, windows, batch_size=16, pad_id=pad).perplexity
 
     dense = load_dense(model_dir, dtype="float32")
     t0 = time.perf_counter()
     p_dense = ppl(dense)
     eval_seconds = time.perf_counter() - t0
     lord = copy.deepcopy(dense)
-    plan = lord_export.compress(lord, batches(ids, mask, 16), rank_reduction=args.rank_reduction)
+    if args.param_ratio is not None:
+        plan = lord_export.compress(lord, calib, param_ratio=args.param_ratio, allocation="fisher")
+    else:
+        plan = lord_export.compress(lord, calib, rank_reduction=args.rank_reduction)
     p_lord = ppl(lord)
     print(
-        f"dense {p_dense:.4f}  compressed (rr {args.rank_reduction}) {p_lord:.4f} "
+        f"dense {p_dense:.4f}  compressed ({setting_name(args)}) {p_lord:.4f} "
         f"(+{100 * (p_lord / p_dense - 1):.1f}%), {len(plan.factorized_groups)} groups; eval {eval_seconds:.0f} s",
         flush=True,
     )
     result = {
-        "model": "reference-code-llama (shipped)",
+        "model": "reference-code-llama (shipped)" if args.model == "reference" else "SmolLM2-135M",
         "protocol": {
-            "compress": "calibration split, 128 x 256 tokens, all targets, method lord",
+            "compress": compress_protocol,
             "heal_data": f"{args.heal_split} split, {int(tr_mask.sum())} tokens in {tr_ids.shape[0]} blocks of 256",
-            "eval": f"evaluation split, {sum(len(w) - 1 for w in windows)} predicted tokens, 256-token windows",
+            "eval": f"evaluation split, {sum(len(w) - 1 for w in windows)} predicted tokens, "
+            f"{eval_window}-token windows",
             "threads": args.threads,
             "dtype": "float32",
         },
         "machine": platform.processor() or platform.machine(),
         "torch": torch.__version__,
-        "rank_reduction": args.rank_reduction,
+        "rank_reduction": args.rank_reduction if args.param_ratio is None else None,
+        "param_ratio": args.param_ratio,
         "params": {"dense": n_params(dense), "lord": n_params(lord)},
         "perplexity": {"dense": p_dense, "compressed": p_lord},
         "settings": [],

@@ -3,8 +3,8 @@
 ``param_ratio`` needs every group's error curve before any rank is fixed, so compression runs in
 two passes: this survey (whole-model calibration on the dense model, one output-spectrum
 decomposition per group — the decompositions are kept, so the independent-calibration pass that
-follows reuses them — and, for the ``fisher`` allocation, one forward + backward to measure each
-group's sensitivity), then the allocation (:mod:`lord_export.allocate`), then the compression itself
+follows reuses them — and, for the ``fisher`` allocation, a backward pass over the first
+calibration batches to measure each group's sensitivity), then the allocation (:mod:`lord_export.allocate`), then the compression itself
 with the chosen ranks (any calibration mode). Groups named by ``config.overrides`` keep their
 override and count against the budget as fixed.
 
