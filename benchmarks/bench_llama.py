@@ -27,6 +27,7 @@ def main() -> None:
     ap.add_argument("--backends", default="all")
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--decode-context", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads for torch and ORT")
     ap.add_argument("--json", default=None, help="default: benchmarks/results/bench_llama_<cpu|cuda>.json")
     args = ap.parse_args()
     import lord_export as le
@@ -43,7 +44,7 @@ def main() -> None:
         sys.executable, "-m", "lord_export.cli", "bench", str(work / "dense"), str(work / "lord"),
         "--backends", args.backends, "--tokens", *map(str, args.tokens), "--decode-tokens", str(args.decode_tokens),
         "--decode-context", str(args.decode_context), "--repeats", str(args.repeats), "--warmup", str(args.warmup),
-        "--json", out,
+        "--json", out, *(["--threads", str(args.threads)] if args.threads else []),
     ]  # fmt: skip
     print(" ".join(cmd[1:]), flush=True)
     sys.exit(subprocess.call(cmd))

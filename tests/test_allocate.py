@@ -239,8 +239,10 @@ def test_fisher_sensitivity_is_the_mean_squared_output_gradient():
 def test_sensitivity_pass_takes_whole_batches_up_to_its_token_count():
     from lord_export.budget import sensitivity_batch_count
 
-    batches = correlated_batches(n_batches=5, batch=2, seq=24)  # 48 tokens each
-    assert sensitivity_batch_count(batches, 100) == 3
-    assert sensitivity_batch_count(batches, 10) == 1
-    assert sensitivity_batch_count(batches, 48) == 1
-    assert sensitivity_batch_count(batches, 10_000) == 5
+    batches = correlated_batches(n_batches=5, batch=2, seq=24)  # 48 tokens each, 240 in all
+    assert sensitivity_batch_count(batches, 100, share=1.0) == 3
+    assert sensitivity_batch_count(batches, 10, share=1.0) == 1
+    assert sensitivity_batch_count(batches, 48, share=1.0) == 1
+    assert sensitivity_batch_count(batches, 10_000, share=1.0) == 5
+    assert sensitivity_batch_count(batches, 10_000) == 2  # a quarter of the tokens: 60 -> two batches
+    assert sensitivity_batch_count(batches, 100, share=0.1) == 1  # 24 tokens: one whole batch
