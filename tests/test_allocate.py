@@ -4,11 +4,10 @@ the Fisher sensitivity, and bad input."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
+from cli_runner import run_cli
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -127,22 +126,7 @@ def test_bad_budget_input():
 
 def test_cli_refuses_both_sizes_and_a_bad_override(tiny_llama_dir, code_corpus, tmp_path):
     def run(*args):
-        return subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "lord_export.cli",
-                "compress",
-                str(tiny_llama_dir),
-                str(tmp_path / "o"),
-                "--calib",
-                str(code_corpus),
-                *args,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        return run_cli("compress", str(tiny_llama_dir), str(tmp_path / "o"), "--calib", str(code_corpus), *args)
 
     assert "not allowed with" in run("--rank-reduction", "0.3", "--param-ratio", "0.8").stderr
     assert "PATTERN=VALUE" in run("--param-ratio", "0.8", "--override", "o_proj").stderr
@@ -154,26 +138,18 @@ def test_cli_compress_meets_a_parameter_ratio(tiny_llama_dir, code_corpus, tmp_p
     """`lord-export compress --param-ratio` on a model directory (a streamable one) allocates and
     meets the budget — it once left every group dense there, the block-by-block path having no ranks."""
     out = tmp_path / "budget"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lord_export.cli",
-            "compress",
-            str(tiny_llama_dir),
-            str(out),
-            "--calib",
-            str(code_corpus),
-            "--calib-samples",
-            "8",
-            "--calib-seqlen",
-            "32",
-            "--param-ratio",
-            "0.8",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = run_cli(
+        "compress",
+        str(tiny_llama_dir),
+        str(out),
+        "--calib",
+        str(code_corpus),
+        "--calib-samples",
+        "8",
+        "--calib-seqlen",
+        "32",
+        "--param-ratio",
+        "0.8",
     )
     assert proc.returncode == 0, proc.stderr
     report = json.loads((out / "report.json").read_text())

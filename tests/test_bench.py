@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
+from cli_runner import run_cli
 from safetensors.torch import load_file, save_file
 
 import lord_export as le
@@ -29,10 +28,6 @@ def has_optimum() -> bool:
 
 
 SMALL = ("--tokens", "8", "--decode-context", "8", "--decode-tokens", "2")
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lord_export.cli", *args], capture_output=True, text=True, timeout=900)
 
 
 @pytest.fixture(scope="module")

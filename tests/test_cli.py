@@ -10,12 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import run_cli
 
 import lord_export as le
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lord_export.cli", *args], capture_output=True, text=True, timeout=600)
 
 
 def test_compress_writes_a_loadable_directory_with_a_report(tiny_llama_dir, code_corpus, tmp_path):

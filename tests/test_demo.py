@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import run_cli
 from safetensors import safe_open
 
 from lord_export.data import document_windows, read_documents, text_files
@@ -25,12 +26,6 @@ from lord_export.reference import (
     stdlib_sources,
     stdlib_split,
 )
-
-
-def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "lord_export.cli", *args], capture_output=True, text=True, timeout=1200, cwd=cwd
-    )
 
 
 def test_split_is_by_path_hash_disjoint_and_complete():

@@ -12,6 +12,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+from cli_runner import CLI, run_cli
 from torch import nn
 
 import lord_export as le
@@ -37,16 +38,9 @@ BLOCK_PATHS = {
 }
 
 
-CLI = [sys.executable, "-m", "lord_export.cli"]
-
-
 def compress_cmd(model_dir, out, corpus, *extra) -> list[str]:
     """``lord-export compress`` of ``model_dir`` at rank reduction 0.5 with ``extra`` flags."""
     return [*CLI, "compress", str(model_dir), str(out), "--calib", str(corpus), "--rank-reduction", "0.5", *extra]
-
-
-def run_cli(*args, **kw):
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, **kw)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

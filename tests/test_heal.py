@@ -5,10 +5,10 @@ from __future__ import annotations
 import copy
 import json
 import subprocess
-import sys
 
 import pytest
 import torch
+from cli_runner import run_cli
 
 import lord_export
 from lord_export.heal import heal
@@ -104,10 +104,6 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
 
 
 # ---- the ``lord-export heal`` command, run as a real subprocess ----------------------------------------------------
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lord_export.cli", *args], capture_output=True, text=True, timeout=600)
 
 
 DATA_OPTS = ("--calib-samples", "8", "--calib-seqlen", "32", "--batch-size", "4")

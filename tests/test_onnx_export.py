@@ -4,13 +4,12 @@ int8 quantization, TensorRT pre-checks, and bad input."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import onnx
 import pytest
 import torch
+from cli_runner import run_cli
 
 import lord_export as le
 from lord_export.data import document_windows
@@ -146,10 +145,6 @@ def test_stories260k_onnx_perplexity_equals_pytorch(tmp_path):
     assert count == torch_ppl.tokens
     onnx_ppl = float(np.exp(nll / count))
     assert onnx_ppl == pytest.approx(torch_ppl.perplexity, rel=1e-4)
-
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "lord_export.cli", *args], capture_output=True, text=True, timeout=600)
 
 
 def test_cli_export_and_bad_input(tmp_path):
