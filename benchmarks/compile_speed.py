@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from lord_export.measure.backends import RECOMPILE_LIMIT
 from lord_export.measure.flops import forward_flops
 from lord_export.measure.timing import cpu_name
 
@@ -62,15 +63,19 @@ def llama_model(args, max_positions: int):
     return LlamaForCausalLM(cfg).eval()
 
 
-def build(args):
-    """(dense model, its LoRD twin, the plan) for the speed benchmarks; calibration on random tokens."""
+def build(args, device: str = "cpu"):
+    """(dense model, its LoRD twin, the plan) for the speed benchmarks; calibration on random tokens.
+
+    The LoRD twin is calibrated and factorized on ``device`` (a GPU makes 7B-shaped layers quick),
+    then both models are returned on the CPU in float32."""
     import lord_export as le
 
     dense = llama_model(args, max(args.tokens) + 1)
-    lord = copy.deepcopy(dense)
-    calib = [{"input_ids": torch.randint(0, args.vocab, (2, 256))} for _ in range(2)]
+    lord = copy.deepcopy(dense).to(device)
+    calib = [{"input_ids": torch.randint(0, args.vocab, (2, 256), device=device)} for _ in range(2)]
     plan = le.compress(lord, calib, rank_reduction=args.rank_reduction, rank_multiple=args.rank_multiple)
-    return dense, lord, plan
+    plan.tensors = {k: v.cpu() for k, v in plan.tensors.items()}
+    return dense, lord.cpu(), plan
 
 
 def flops(model, ids) -> int:
@@ -122,6 +127,8 @@ def main() -> None:
     else:
         plan = str(plan_dir)
 
+    # three models of one class share dynamo's cache of its forward: room for all their shapes
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     compiled = {
         "dense": torch.compile(copy.deepcopy(dense), backend="inductor"),
         "lord": torch.compile(copy.deepcopy(dense), backend="lord", options={"plan": plan}),

@@ -34,8 +34,11 @@ SHAPE = dict(
 )
 
 
-def write_model(directory: Path, layers: int, seed: int = 0) -> int:
-    """A random bf16 Llama of 7B shapes with ``layers`` layers, one shard per layer; returns bytes."""
+def write_model(directory: Path, layers: int, seed: int = 0, device: str = "cpu") -> int:
+    """A random bf16 Llama of 7B shapes with ``layers`` layers, one shard per layer; returns bytes.
+
+    The random numbers are drawn on ``device`` (a GPU draws 32 layers' in seconds; the CPU's and a
+    GPU's generators give different weights for the same seed)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from lord_export.checkpoint import ShardWriter
@@ -45,7 +48,7 @@ def write_model(directory: Path, layers: int, seed: int = 0) -> int:
     config.architectures = ["LlamaForCausalLM"]
     with parameters_on_meta():
         skeleton = LlamaForCausalLM(config)
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)
     writer = ShardWriter(directory, max_shard_bytes=600 << 20)
     current, block = None, {}
     for name, p in skeleton.named_parameters():
@@ -57,8 +60,8 @@ def write_model(directory: Path, layers: int, seed: int = 0) -> int:
         if name.endswith("norm.weight"):
             t = torch.ones(p.shape)
         else:
-            t = torch.randn(p.shape, generator=g) * (1.0 / p.shape[-1] ** 0.5)
-        block[name] = t.to(torch.bfloat16)
+            t = torch.randn(p.shape, generator=g, device=device) * (1.0 / p.shape[-1] ** 0.5)
+        block[name] = t.to(torch.bfloat16).cpu()
     writer.add(block)
     writer.close()
     config.save_pretrained(directory)
@@ -128,7 +131,7 @@ def main() -> None:
         for n in sorted(args.layers):  # smallest first: RUSAGE_CHILDREN keeps the maximum over children
             d, out = Path(work) / f"dense-{n}", Path(work) / f"lord-{n}"
             d.mkdir()
-            size = write_model(d, n)
+            size = write_model(d, n, device=args.device)
             r = run_compress(d, out, calib, args.device, args.calibration)
             blocks = r["report"]["timings"]["blocks_s"]
             fixed = r["seconds"] - sum(blocks)
@@ -142,10 +145,12 @@ def main() -> None:
                     "fixed_s": fixed,
                     "params_before": r["report"]["params_before"],
                     "params_after": r["report"]["params_after"],
+                    "cuda_peak_allocated_gib": r["report"].get("cuda_peak_allocated_gib"),
                 }
             )
             print(
-                f"{n} layers: dense {size / 1e9:.2f} GB, peak RSS {r['peak_rss_gib']:.2f} GiB, {r['seconds']:.0f} s "
+                f"{n} layers: dense {size / 1e9:.2f} GB, peak RSS {r['peak_rss_gib']:.2f} GiB, "
+                f"peak GPU {r['report'].get('cuda_peak_allocated_gib') or 0:.2f} GiB, {r['seconds']:.0f} s "
                 f"(blocks {', '.join(f'{b:.0f}' for b in blocks)} s)",
                 flush=True,
             )
@@ -178,6 +183,7 @@ def main() -> None:
     result = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": platform.processor() or platform.machine(),
+        "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
         "device": args.device,
         "threads": torch.get_num_threads(),
         "calibration": args.calibration,

@@ -6,10 +6,15 @@ code in a FRESH subprocess each: PEFT LoRA (rank ``--lora-r``, alpha 2r, the sam
 q/k/v/o/gate/up/down_proj — on the LoRD model they are LordLinear members, see
 lord_export.peft_support), AdamW, ``--steps`` steps on the same calibration-split batches, float32.
 Memory is ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` (peak resident set) read after the
-imports, after loading the model, and after training. The LoRD model is compressed and saved
-beforehand in the parent process, so compression does not count.
+imports, after loading the model, and after training; with ``--device cuda`` also the GPU's
+``torch.cuda.max_memory_allocated`` after loading and after training (``--dtype bfloat16`` there),
+and, with ``--qlora`` and bitsandbytes installed, a third run: QLoRA on the dense model (4-bit NF4
+base weights through transformers' ``BitsAndBytesConfig``) — the memory a user would otherwise
+reach for. The LoRD model is compressed (on ``--device``) and saved beforehand in the parent
+process, so compression does not count.
 
     nice -n 10 python benchmarks/heal_memory.py [--model-dir DIR] [--rank-reduction 0.7] [--steps 20]
+        [--device cuda --dtype bfloat16 --qlora]
 """
 
 from __future__ import annotations
@@ -45,16 +50,26 @@ def worker(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    cuda = args.device.startswith("cuda")
     tok = load_tokenizer(args.model_dir)
     files = [Path(p) for p in json.loads(args.files)]
     ids, mask = tokenize_blocks(tok, read_documents(files), samples=args.blocks, seqlen=args.seqlen)
-    data = batches(ids, mask, args.batch_size)
+    data = [{k: v.to(args.device) for k, v in b.items()} for b in batches(ids, mask, args.batch_size)]
     before_load = maxrss_mib()
+    dtype = getattr(torch, args.dtype)
     if args.worker == "dense":
-        model = load_dense(args.model_dir, dtype="float32")
+        model = load_dense(args.model_dir, dtype=args.dtype).to(args.device)
+    elif args.worker == "dense-qlora":
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(
+            args.model_dir, quantization_config=nf4, dtype=dtype, device_map={"": args.device}
+        )
     else:
-        model = lord_export.load(args.lord_dir, dtype=torch.float32)
+        model = lord_export.load(args.lord_dir, device=args.device, dtype=dtype)
     after_load = maxrss_mib()
+    gpu_after_load = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
     model.config.use_cache = False
     peft_model = get_peft_model(model, LoraConfig(target_modules=TARGETS, r=args.lora_r, lora_alpha=2 * args.lora_r))
     params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -81,6 +96,8 @@ def worker(args: argparse.Namespace) -> None:
                 "maxrss_mib_before_load": round(before_load, 1),
                 "maxrss_mib_after_load": round(after_load, 1),
                 "maxrss_mib_peak": round(maxrss_mib(), 1),
+                "cuda_mib_after_load": round(gpu_after_load, 1) if cuda else None,
+                "cuda_mib_peak": round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else None,
                 "train_seconds": round(seconds, 2),
                 "first_loss": losses[0],
                 "last_loss": losses[-1],
@@ -99,14 +116,21 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=64)
     ap.add_argument("--lora-r", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--qlora", action="store_true", help="also QLoRA (4-bit NF4) on the dense model (needs CUDA)")
     ap.add_argument("--out", default="benchmarks/results/heal_memory.json")
-    ap.add_argument("--worker", choices=["dense", "lord"], help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=["dense", "lord", "dense-qlora"], help=argparse.SUPPRESS)
     ap.add_argument("--lord-dir", help=argparse.SUPPRESS)
     ap.add_argument("--files", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         worker(args)
         return
+    import importlib.util
+
+    if args.qlora and (not args.device.startswith("cuda") or importlib.util.find_spec("bitsandbytes") is None):
+        ap.error("--qlora needs --device cuda and bitsandbytes installed")
 
     import torch
 
@@ -121,7 +145,11 @@ def main() -> None:
     ids, mask = tokenize_blocks(tok, read_documents(files), samples=128, seqlen=args.seqlen)
     model = load_dense(model_dir, dtype="float32")
     torch.set_num_threads(args.threads)
-    plan = lord_export.compress(model, batches(ids, mask, 16), rank_reduction=args.rank_reduction)
+    model.to(args.device)
+    calib = [{k: v.to(args.device) for k, v in b.items()} for b in batches(ids, mask, 16)]
+    plan = lord_export.compress(model, calib, rank_reduction=args.rank_reduction)
+    model.cpu()
+    plan.tensors = {k: v.cpu() for k, v in plan.tensors.items()}
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         lord_dir = Path(tmp) / "lord"
@@ -130,7 +158,8 @@ def main() -> None:
         common = ["--model-dir", str(model_dir), "--lord-dir", str(lord_dir), "--files", json.dumps(files)]
         common += ["--steps", str(args.steps), "--batch-size", str(args.batch_size), "--seqlen", str(args.seqlen)]
         common += ["--blocks", str(args.blocks), "--lora-r", str(args.lora_r), "--threads", str(args.threads)]
-        for which in ("dense", "lord"):
+        common += ["--device", args.device, "--dtype", args.dtype]
+        for which in ("dense", "lord", *(["dense-qlora"] if args.qlora else [])):
             proc = subprocess.run(
                 [sys.executable, __file__, "--worker", which, *common], capture_output=True, text=True, check=False
             )
@@ -143,10 +172,15 @@ def main() -> None:
                 f"{row['trainable_params']:,} trainable; peak RSS {row['maxrss_mib_peak']:.1f} MiB "
                 f"(after load {row['maxrss_mib_after_load']:.1f}, "
                 f"after imports {row['maxrss_mib_after_imports']:.1f}); "
-                f"{args.steps} steps in {row['train_seconds']:.1f} s",
+                f"{args.steps} steps in {row['train_seconds']:.1f} s"
+                + (
+                    f"; GPU peak {row['cuda_mib_peak']:.0f} MiB (after load {row['cuda_mib_after_load']:.0f})"
+                    if row["cuda_mib_peak"] is not None
+                    else ""
+                ),
                 flush=True,
             )
-    dense, lord = results
+    dense, lord = results[:2]
     out = {
         "model": str(model_dir),
         "rank_reduction": args.rank_reduction,
@@ -154,12 +188,16 @@ def main() -> None:
         "steps": args.steps,
         "batch": f"{args.batch_size} x {args.seqlen}",
         "threads": args.threads,
-        "dtype": "float32",
+        "dtype": args.dtype,
+        "device": args.device,
+        "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
         "measure": "resource.getrusage(RUSAGE_SELF).ru_maxrss, fresh subprocess per model",
         "runs": results,
         "peak_rss_ratio_lord_over_dense": lord["maxrss_mib_peak"] / dense["maxrss_mib_peak"],
         "peak_rss_saved_mib": dense["maxrss_mib_peak"] - lord["maxrss_mib_peak"],
     }
+    if dense["cuda_mib_peak"] is not None:
+        out["cuda_peak_ratio_lord_over_dense"] = lord["cuda_mib_peak"] / dense["cuda_mib_peak"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     print(

@@ -116,10 +116,18 @@ class CheckpointReader:
         """Unmap every open shard; later reads reopen them (tensors already read stay valid)."""
         self._handles.clear()
 
-    def load_all(self, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-        """Every tensor (for small models and the whole-model path)."""
+    def load_all(self, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """Every tensor (for small models and the whole-model path), floating ones cast to ``dtype``.
+
+        One tensor at a time is read, moved and cast, so ``device`` never holds the model in two
+        dtypes at once (a float32 checkpoint loaded as bfloat16 on a GPU needs its bfloat16 size)."""
+
+        def one(t: torch.Tensor) -> torch.Tensor:
+            t = t.to(device)
+            return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
         try:
-            return {name: self.get(name).to(device) for name in self.files}
+            return {name: one(self.get(name)) for name in self.files}
         finally:
             self.close()
 

@@ -269,6 +269,9 @@ def compress_model_dir(
         # the streamed survey covers the blocks; targets outside them need the whole-model one
         say("the targets include layers outside the blocks: the budget is allocated over the whole model in memory")
         blocks = None
+    on_cuda = torch.device(device).type == "cuda"
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats(device)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         if blocks is None:
             model = load_dense(model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -282,6 +285,8 @@ def compress_model_dir(
             )
         report["source_model"] = str(model_dir)
         report["device"] = str(device)
+        if on_cuda:  # what the GPU needed: the streamed path's claim is one block's worth
+            report["cuda_peak_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
         report["calibration"].update(calib_set.describe())
         write_json(tmp / REPORT_FILE, report)
     return report

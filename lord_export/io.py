@@ -222,9 +222,7 @@ def load(
         model = build_skeleton(p, trust_remote_code)
         allow_mismatch = True  # built from the directory's own config
     apply_plan(model, plan, load_tensors=False, allow_mismatch=allow_mismatch)
-    state = CheckpointReader(p).load_all(device)
-    if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    state = CheckpointReader(p).load_all(device, dtype)
     result = model.load_state_dict(state, strict=False, assign=True)
     if result.unexpected_keys:
         raise PlanError(f"the weights of {p} hold tensors the model does not have: {result.unexpected_keys[:5]}")

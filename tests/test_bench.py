@@ -189,6 +189,8 @@ def test_bench_compile_backend_runs_the_lord_pass(tiny_llama_dir, lord_dir, tmp_
         ("compile", "decode"),
     }
     assert result["rows"][0]["runs_on"] == "inductor cpu float32"  # --device cpu
+    # both models share dynamo's cache of one forward: past its limit LoRD's decode would run eager
+    assert "recompile_limit" not in proc.stderr, proc.stderr[-2000:]
 
 
 def test_bench_bad_device_and_json_folder_fail_before_work(tiny_llama_dir, lord_dir, tmp_path):

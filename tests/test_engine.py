@@ -278,6 +278,17 @@ def test_block_reads_leave_no_shard_mapped(tmp_path):
     assert len(reader.load_all()) == 3 and reader.open_files == 0
 
 
+def test_load_all_casts_floating_tensors_one_at_a_time(tmp_path):
+    from lord_export.checkpoint import CheckpointReader, ShardWriter
+
+    writer = ShardWriter(tmp_path)
+    writer.add({"w": torch.randn(8, 4), "ids": torch.arange(5)})
+    writer.close()
+    got = CheckpointReader(tmp_path).load_all("cpu", torch.bfloat16)
+    assert got["w"].dtype == torch.bfloat16 and got["ids"].dtype == torch.int64
+    assert torch.equal(got["ids"], torch.arange(5))
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads RssFile from /proc/self/status")
 def test_loaded_weights_do_not_pin_the_shard_mapping(tmp_path):
     """A kept tensor that viewed the shard's memory map would keep every page read from that shard

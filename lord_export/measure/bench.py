@@ -199,7 +199,7 @@ def _run_backend(backend, ctx, result, prefill_ids, prompt, ideal, say) -> None:
         say(f"{backend}: skipped ({why})")
     except Exception as err:  # one broken backend must not lose the others' measurements
         log.debug("backend %s failed", backend, exc_info=True)
-        result.failed[backend] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        result.failed[backend] = describe_failure(err)
         say(f"{backend}: FAILED ({result.failed[backend]})")
 
 
@@ -257,3 +257,21 @@ def format_table(result: BenchResult) -> str:
     for name, why in result.failed.items():
         lines.append(f"FAILED {name}: {why}")
     return "\n".join(lines)
+
+
+def describe_failure(err: BaseException) -> str:
+    """One line for a failed backend: the error, and the root cause with where it was raised.
+
+    Wrappers such as dynamo's ``BackendCompilerFailed`` put only ``backend=... raised:`` on their
+    first line; the cause is what a user needs to see."""
+    root = err
+    while (inner := root.__cause__ or getattr(root, "inner_exception", None)) is not None and inner is not root:
+        root = inner
+    line = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    if root is not err:
+        tb = root.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        where = f" at {tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb is not None else ""
+        line += f" <- {type(root).__name__}: {str(root).splitlines()[0] if str(root) else ''}{where}"
+    return line

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import fx
+from torch._dispatch.python import enable_python_dispatcher
 
 aten = torch.ops.aten
 #: ``linear(x, W, b)`` as fx/dynamo graphs (torch function) and exported programs (aten) spell it.
@@ -48,7 +49,9 @@ def propagate_fake_value(node: fx.Node) -> None:
         mode = fake_mode_of([a.meta[key] for a in inputs])
         if mode is None:
             continue
-        with mode:
+        # the python dispatcher, as dynamo uses when it computes example values: composite ops
+        # (linear on CUDA) then decompose in Python, where symbolic (dynamic) sizes are allowed
+        with mode, enable_python_dispatcher():
             node.meta[key] = node.target(*args, **kwargs)
 
 
