@@ -10,8 +10,9 @@ imports, after loading the model, and after training; with ``--device cuda`` als
 ``torch.cuda.max_memory_allocated`` after loading and after training (``--dtype bfloat16`` there),
 and, with ``--qlora`` and bitsandbytes installed, a third run: QLoRA on the dense model (4-bit NF4
 base weights through transformers' ``BitsAndBytesConfig``) — the memory a user would otherwise
-reach for. The LoRD model is compressed (on ``--device``) and saved beforehand in the parent
-process, so compression does not count.
+reach for. The LoRD model is compressed (on ``--device``) and saved beforehand in a process of its
+own, so compression does not count (and no worker inherits its peak: Linux keeps ``ru_maxrss``
+across ``exec``).
 
     nice -n 10 python benchmarks/heal_memory.py [--model-dir DIR] [--rank-reduction 0.7] [--steps 20]
         [--device cuda --dtype bfloat16 --qlora]
@@ -33,6 +34,25 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 def maxrss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def compress_worker(args: argparse.Namespace) -> None:
+    """Compress the dense model (on ``--device``) and save it to ``--lord-dir``."""
+    import torch
+
+    import lord_export
+    from lord_export.data import batches, read_documents, tokenize_blocks
+    from lord_export.hf import load_dense, load_tokenizer
+
+    torch.set_num_threads(args.threads)
+    tok = load_tokenizer(args.model_dir)
+    files = [Path(p) for p in json.loads(args.files)]
+    ids, mask = tokenize_blocks(tok, read_documents(files), samples=128, seqlen=args.seqlen)
+    model = load_dense(args.model_dir, dtype="float32").to(args.device)
+    calib = [{k: v.to(args.device) for k, v in b.items()} for b in batches(ids, mask, 16)]
+    plan = lord_export.compress(model, calib, rank_reduction=args.rank_reduction)
+    plan.tensors = {k: v.cpu() for k, v in plan.tensors.items()}
+    lord_export.save_compressed(model.cpu(), plan, args.lord_dir)
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -120,10 +140,13 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--qlora", action="store_true", help="also QLoRA (4-bit NF4) on the dense model (needs CUDA)")
     ap.add_argument("--out", default="benchmarks/results/heal_memory.json")
-    ap.add_argument("--worker", choices=["dense", "lord", "dense-qlora"], help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=["compress", "dense", "lord", "dense-qlora"], help=argparse.SUPPRESS)
     ap.add_argument("--lord-dir", help=argparse.SUPPRESS)
     ap.add_argument("--files", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.worker == "compress":
+        compress_worker(args)
+        return
     if args.worker:
         worker(args)
         return
@@ -134,27 +157,22 @@ def main() -> None:
 
     import torch
 
-    import lord_export
-    from lord_export.data import batches, read_documents, tokenize_blocks
-    from lord_export.hf import load_dense, load_tokenizer
     from lord_export.reference import reference_model_dir, split_texts
 
     model_dir = Path(args.model_dir) if args.model_dir else reference_model_dir()
     files = [str(p) for p in split_texts("calib")]
-    tok = load_tokenizer(model_dir)
-    ids, mask = tokenize_blocks(tok, read_documents(files), samples=128, seqlen=args.seqlen)
-    model = load_dense(model_dir, dtype="float32")
-    torch.set_num_threads(args.threads)
-    model.to(args.device)
-    calib = [{k: v.to(args.device) for k, v in b.items()} for b in batches(ids, mask, 16)]
-    plan = lord_export.compress(model, calib, rank_reduction=args.rank_reduction)
-    model.cpu()
-    plan.tensors = {k: v.cpu() for k, v in plan.tensors.items()}
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         lord_dir = Path(tmp) / "lord"
-        lord_export.save_compressed(model, plan, lord_dir)
-        del model
+        # compression runs in its own process too: Linux keeps ru_maxrss across exec, so workers
+        # started by a parent that held the model would all report at least the parent's peak
+        compress_argv = [sys.executable, __file__, "--worker", "compress", "--model-dir", str(model_dir)]
+        compress_argv += ["--lord-dir", str(lord_dir), "--files", json.dumps(files), "--seqlen", str(args.seqlen)]
+        compress_argv += ["--rank-reduction", str(args.rank_reduction), "--threads", str(args.threads)]
+        compress_argv += ["--device", args.device]
+        proc = subprocess.run(compress_argv, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise SystemExit(f"compress worker failed:\n{proc.stderr[-3000:]}")
         common = ["--model-dir", str(model_dir), "--lord-dir", str(lord_dir), "--files", json.dumps(files)]
         common += ["--steps", str(args.steps), "--batch-size", str(args.batch_size), "--seqlen", str(args.seqlen)]
         common += ["--blocks", str(args.blocks), "--lora-r", str(args.lora_r), "--threads", str(args.threads)]
