@@ -10,6 +10,7 @@ Graph frontends see only a graph's weights: they use :func:`weights_mismatch`.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -41,6 +42,14 @@ def _signs(start: int, n: int, k: int, device: torch.device) -> torch.Tensor:
     return (1 - 2 * (h & 1)).to(torch.float64)
 
 
+@functools.lru_cache(maxsize=2 * _PROJECTIONS)
+def _first_chunk_signs(k: int, device: torch.device) -> torch.Tensor:
+    """:func:`_signs` of projection ``k`` for indices ``0 .. _CHUNK``, made once per device (16 MB in
+    float32, where ±1 is exact): every weight's first chunk uses them, and hashing the indices anew
+    for each weight cost most of a fingerprint (seconds per model)."""
+    return _signs(0, _CHUNK, k, device).to(torch.float32)
+
+
 def weight_fingerprint(weight: torch.Tensor) -> dict[str, Any]:
     """A cheap content fingerprint of one weight as stored: shape, float64 sum, Frobenius norm and
     a few fixed ±1 random projections (E[(r·Δ)²] = ‖Δ‖², so they estimate ‖W − W'‖)."""
@@ -53,7 +62,11 @@ def weight_fingerprint(weight: torch.Tensor) -> dict[str, Any]:
         total += float(chunk.sum())
         sq += float((chunk * chunk).sum())
         for k in range(_PROJECTIONS):
-            proj[k] += float((chunk * _signs(start, chunk.numel(), k, device)).sum())
+            if start == 0:
+                signs = _first_chunk_signs(k, device)[: chunk.numel()]  # float64 * float32: a float64 product
+            else:
+                signs = _signs(start, chunk.numel(), k, device)
+            proj[k] += float((chunk * signs).sum())
     return {"shape": list(weight.shape), "sum": total, "norm": sq**0.5, "proj": proj}
 
 
