@@ -42,14 +42,17 @@ def test_compress_bf16_on_cuda():
     assert rel(got, want) < 0.5  # rank reduction 0.5 of random weights: close, not equal
 
 
-def test_compile_lord_backend_on_cuda():
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_compile_lord_backend_on_cuda(dynamic):
+    """dynamic=True: the pass's new linear nodes get symbolic fake values (on CUDA, linear's C++
+    composite cannot take symbolic sizes outside the python dispatcher)."""
     dense, lord, plan = bf16_pair()
     cpu_plan = copy.copy(plan)
     cpu_plan.tensors = {k: v.float().cpu() for k, v in plan.tensors.items()}  # an fp32 plan on the CPU
     torch._dynamo.reset()
     backend = "lord" if "lord" in torch._dynamo.list_backends() else make_backend(plan=cpu_plan)
     options = {"plan": cpu_plan} if backend == "lord" else None
-    compiled = torch.compile(dense, backend=backend, options=options)
+    compiled = torch.compile(dense, backend=backend, options=options, dynamic=dynamic)
     ids = torch.randint(3, 300, (2, 16), device="cuda")
     with torch.no_grad():
         got, want = compiled(input_ids=ids).logits, lord(input_ids=ids).logits

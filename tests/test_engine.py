@@ -278,7 +278,7 @@ def test_block_reads_leave_no_shard_mapped(tmp_path):
     assert len(reader.load_all()) == 3 and reader.open_files == 0
 
 
-def test_load_all_casts_floating_tensors_one_at_a_time(tmp_path):
+def test_load_all_casts_floating_tensors_only(tmp_path):
     from lord_export.checkpoint import CheckpointReader, ShardWriter
 
     writer = ShardWriter(tmp_path)
