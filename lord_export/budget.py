@@ -10,8 +10,10 @@ mode). Groups named by ``config.overrides`` keep their override and count agains
 fixed.
 
 For a model read from its checkpoint one block at a time, :func:`streamed_survey` does the same
-with one block in memory (:meth:`lord_export.engine.Engine.survey`); nothing is kept for reuse there,
-so the compression pass calibrates again.
+with one block in memory (:meth:`lord_export.engine.Engine.survey`). With independent calibration it
+also factorizes every group at the largest rank an allocation can give it and parks those factors
+on disk, so the compression that follows only truncates them (one calibration pass in all); the
+other modes calibrate again at the allocated ranks.
 """
 
 from __future__ import annotations
@@ -27,10 +29,11 @@ from torch import nn
 
 from . import factorize as fz
 from .allocate import GroupCurve, allocate, predicted_loss
-from .calibrate import Calibration, calibrate
+from .calibrate import Calibration, batch_kwargs, calibrating, warn_few_tokens
 from .config import LordConfig
 from .errors import TargetError, UsageError
 from .fingerprint import count_parameters
+from .hf import model_device
 from .planner import build_groups, describe_group, override_for, stacked_weight
 from .targets import pattern_matches, select_targets
 
@@ -107,8 +110,6 @@ class SensitivityProbe:
 
     def run(self, batch: dict[str, torch.Tensor]) -> None:
         """One forward + backward of ``batch`` (moved to the model's device), gradients summed."""
-        from .hf import model_device
-
         model, device = self.model, model_device(self.model)
         batch = {k: v.to(device) for k, v in batch.items()}
         handles = [model.get_input_embeddings().register_forward_hook(lambda mod, inp, out: out.requires_grad_())]
@@ -191,20 +192,18 @@ def survey(
     probe_batches = sensitivity_batch_count(batches) if probe is not None else 0
     probe_s = 0.0
 
-    def drive(m: nn.Module) -> None:
-        nonlocal probe_s
-        from .hf import model_device
-
-        device = model_device(m)
+    device = model_device(model)
+    with calibrating(model, layers) as cal:
         for i, batch in enumerate(batches):
-            if i < probe_batches:
+            if i < probe_batches:  # the whole model, with gradients: its forward calibrates too
                 t = time.perf_counter()
                 probe.run(batch)
                 probe_s += time.perf_counter() - t
-            else:
-                m(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
-
-    calibration = calibrate(model, drive, layers)
+            else:  # no gradients, and nothing after the last targeted layer
+                with torch.no_grad():
+                    cal.run_batch(model, batch_kwargs(batch, device))
+    calibration = cal.result()
+    warn_few_tokens(calibration)
     modules = dict(model.named_modules())
     fixed: dict[str, int | None] = {}
     fixed_removed = 0
@@ -230,11 +229,15 @@ def survey(
     return Survey(curves, fixed_removed, fixed, count_parameters(model), calibration, cache, timings)
 
 
-def streamed_survey(engine: Any, batches: Sequence[dict[str, torch.Tensor]], blocks: Any) -> Survey:
+def streamed_survey(
+    engine: Any, batches: Sequence[dict[str, torch.Tensor]], blocks: Any, *, spill: Any = None
+) -> Survey:
     """The survey of a model whose blocks are read one at a time (:meth:`lord_export.engine.Engine.survey`).
 
-    Same curves, sensitivities and fixed groups as :func:`survey`; nothing is kept for reuse
-    (statistics and decompositions were freed block by block), so compression recalibrates.
+    Same curves, sensitivities and fixed groups as :func:`survey`. Statistics and decompositions are
+    freed block by block; with ``spill`` (independent calibration) each group's factors at the
+    largest rank it can be given are kept there, and :meth:`~lord_export.engine.Engine.write_kept`
+    finishes the compression from them; without, compression calibrates again.
     """
     config = engine.config
     layers = select_targets(engine.model, config.targets, config.exclude)
@@ -246,7 +249,7 @@ def streamed_survey(engine: Any, batches: Sequence[dict[str, torch.Tensor]], blo
     if fisher:
         check_causal_lm(engine.model)
     curves, fixed, fixed_removed, timings = engine.survey(
-        batches, blocks, fisher=fisher, fisher_batches=sensitivity_batch_count(batches)
+        batches, blocks, fisher=fisher, fisher_batches=sensitivity_batch_count(batches), spill=spill
     )
     return Survey(curves, fixed_removed, fixed, count_parameters(engine.model), None, {}, timings)
 

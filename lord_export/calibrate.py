@@ -9,6 +9,10 @@ see, not guessed from names. Positions where the batch's ``attention_mask`` is 0
 Precision: each batch's product xᵀx is formed in float32 (float64 inputs stay float64; bf16/fp16
 inputs are upcast first, so a half-precision model loses nothing there) and summed in float64,
 with TF32 turned off (:func:`exact_matmuls`) so that CUDA float32 products are real float32.
+
+A batch run through :meth:`Calibrator.run_batch` stops when it reaches the model's output
+embeddings (the LM head) after every targeted layer: the vocabulary-wide logits, a large share of a
+small model's forward, have nothing to add to the statistics.
 """
 
 from __future__ import annotations
@@ -119,12 +123,19 @@ class Calibration:
         return self.stats[self.input_of[layer]]
 
 
+class ForwardDone(Exception):
+    """Raised from a layer hook during :meth:`Calibrator.run_batch` once the batch has reached every
+    targeted layer: the rest of the forward has nothing to add to the statistics."""
+
+
 class Calibrator:
     """Context manager that installs the hooks; use :func:`calibrate` unless you drive it yourself.
 
     With ``batch_hooks`` (the default) every top-level forward of ``model`` is one batch and its
     ``attention_mask`` keyword masks padding; otherwise call :meth:`begin_batch` and
     :meth:`end_batch` around each forward (how the streaming engine drives one block).
+    :meth:`run_batch` runs one batch and cuts its forward short at the LM head; calling the model
+    directly runs it whole.
     """
 
     def __init__(
@@ -138,6 +149,7 @@ class Calibrator:
     ):
         self.model = model
         self.layers = list(layers)
+        self._hooked = set(self.layers)
         self.accumulate_dtype = accumulate_dtype
         self.batch_hooks = batch_hooks
         self.stats_device = stats_device
@@ -151,6 +163,8 @@ class Calibrator:
         self._batch_key: dict[str, str] = {}
         self._mask: torch.Tensor | None = None
         self._unmasked_warned: set[str] = set()
+        self._reached: set[str] = set()  # layers called in the current batch
+        self._stopping = False  # inside run_batch
 
     def __enter__(self) -> Calibrator:
         modules = dict(self.model.named_modules())
@@ -159,6 +173,9 @@ class Calibrator:
             self._handles.append(self.model.register_forward_hook(lambda *a: self.end_batch()))
         for name in self.layers:
             self._handles.append(modules[name].register_forward_pre_hook(self._make_hook(name)))
+        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        if isinstance(head, nn.Module) and all(modules[n] is not head for n in self.layers):
+            self._handles.append(head.register_forward_pre_hook(self._stop_at_head))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -172,11 +189,27 @@ class Calibrator:
         self._seen.clear()
         self._batch_key = {}
         self._mask = mask
+        self._reached = set()
 
     def end_batch(self) -> None:
         if self._batch_key:
             self.batches += 1
         self._seen.clear()
+
+    def run_batch(self, model: nn.Module, kwargs: dict[str, Any]) -> None:
+        """Run one batch (``model(**kwargs)``, ``batch_hooks`` on), stopping after the last targeted layer.
+
+        The forward stops when the model's output embeddings (``get_output_embeddings()``, not a
+        target) are called after every targeted layer was; a model without them, or a batch that
+        has not reached every targeted layer by then, runs whole.
+        """
+        self._stopping = True
+        try:
+            model(**kwargs)
+        except ForwardDone:
+            self.end_batch()
+        finally:
+            self._stopping = False
 
     def result(self) -> Calibration:
         if not self.stats:
@@ -194,11 +227,16 @@ class Calibrator:
         mask = kwargs.get("attention_mask")
         self.begin_batch(mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None)
 
+    def _stop_at_head(self, module: nn.Module, args: tuple) -> None:
+        if self._stopping and len(self._reached) == len(self._hooked):
+            raise ForwardDone
+
     def _make_hook(self, name: str) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
             if not args or not isinstance(args[0], torch.Tensor):
                 return
             self._observe(name, args[0])
+            self._reached.add(name)
 
         return hook
 
@@ -261,30 +299,44 @@ def calibrate(
     from .hf import model_device
 
     device = model_device(model)
+    with torch.no_grad(), calibrating(model, layers, accumulate_dtype) as cal:
+        if callable(data):
+            data(model)
+        else:
+            it = data
+            if progress:
+                from tqdm.auto import tqdm
+
+                it = tqdm(data, desc="calibrate", unit="batch", total=total)
+            for batch in it:
+                cal.run_batch(model, batch_kwargs(batch, device))
+    result = cal.result()
+    warn_few_tokens(result)
+    return result
+
+
+@contextlib.contextmanager
+def calibrating(
+    model: nn.Module, layers: Sequence[str], accumulate_dtype: torch.dtype = torch.float32
+) -> Iterator[Calibrator]:
+    """``model`` in eval mode with exact matmuls and a :class:`Calibrator` on ``layers``, for callers
+    that drive the batches themselves (call ``result()`` on it afterwards)."""
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), exact_matmuls(), Calibrator(model, layers, accumulate_dtype) as cal:
-            if callable(data):
-                data(model)
-            else:
-                it = data
-                if progress:
-                    from tqdm.auto import tqdm
-
-                    it = tqdm(data, desc="calibrate", unit="batch", total=total)
-                for batch in it:
-                    if isinstance(batch, torch.Tensor):
-                        model(input_ids=batch.to(device))
-                    elif isinstance(batch, dict):
-                        model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
-                    else:
-                        raise TypeError(f"a calibration batch must be a dict or a tensor, got {type(batch).__name__}")
-        result = cal.result()
+        with exact_matmuls(), Calibrator(model, layers, accumulate_dtype) as cal:
+            yield cal
     finally:
         model.train(was_training)
-    warn_few_tokens(result)
-    return result
+
+
+def batch_kwargs(batch: Batch, device: torch.device | str) -> dict[str, Any]:
+    """A calibration batch (a dict of model keyword arguments, or an input_ids tensor) on ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return {"input_ids": batch.to(device)}
+    if isinstance(batch, dict):
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    raise TypeError(f"a calibration batch must be a dict or a tensor, got {type(batch).__name__}")
 
 
 def warn_few_tokens(result: Calibration) -> None:

@@ -88,3 +88,63 @@ def test_few_tokens_warns(caplog):
         cal = calibrate(model, xs_as_callback([torch.randn(4, 24)]), ["a"])
     assert any("fewer calibration tokens than features" in w for w in cal.warnings)
     assert "fewer calibration tokens" in caplog.text
+
+
+def test_batches_stop_at_the_lm_head_with_unchanged_statistics():
+    model = tiny_model("llama")
+    layers = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    batches = correlated_batches(3)
+    head_calls = []
+    handle = model.lm_head.register_forward_hook(lambda *a: head_calls.append(1))
+    stopped = calibrate(model, batches, layers)
+    assert not head_calls  # no vocabulary-wide logits were computed
+    whole = calibrate(model, xs_as_callback_kwargs(batches), layers)  # a callback runs every forward whole
+    handle.remove()
+    assert len(head_calls) == 3
+    assert stopped.batches == whole.batches == 3
+    for key, st in whole.stats.items():
+        assert stopped.stats[key].tokens == st.tokens
+        torch.testing.assert_close(stopped.stats[key].C, st.C, rtol=0, atol=0)
+
+
+class Looped(torch.nn.Module):
+    """Calls ``b`` once per row of its input (how often a layer runs depends on the batch), then its
+    output layer ``tail``, the place where a calibration batch may stop."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.tail = (torch.nn.Linear(8, 8) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        for _ in range(x.shape[0]):
+            h = self.b(h)
+        return self.tail(h)
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.tail
+
+
+@pytest.mark.parametrize("rows", [[1, 3], [2, 1]])
+def test_a_layer_called_a_varying_number_of_times_never_loses_a_call(rows):
+    torch.manual_seed(0)
+    model = Looped().double()
+    xs = [torch.randn(n, 8, dtype=torch.float64) for n in rows]
+    b_inputs, tail_calls = [], []
+    model.b.register_forward_pre_hook(lambda mod, args: b_inputs.append(args[0]))
+    model.tail.register_forward_hook(lambda *a: tail_calls.append(1))
+    cal = calibrate(model, [{"x": x} for x in xs], ["a", "b"])
+    X = torch.cat(b_inputs)
+    assert cal.of("b").tokens == X.shape[0] == sum(n * n for n in rows)
+    torch.testing.assert_close(cal.of("b").C, X.T @ X)
+    assert not tail_calls  # every batch stopped at the output layer
+    cal = calibrate(model, [{"x": x} for x in xs], ["a", "b", "tail"])
+    assert len(tail_calls) == 2 and cal.of("tail").tokens == sum(rows)  # a targeted head runs
+
+
+def xs_as_callback_kwargs(batches):
+    def run(model):
+        for batch in batches:
+            model(**batch)
+
+    return run
