@@ -14,6 +14,9 @@ shards ``model-00001-of-0000N.safetensors`` plus ``model.safetensors.index.json`
   shard file, starting a new shard whenever the next block would push the current one past
   ``max_shard_bytes``; only the headers wait in memory, so the writer holds no tensor data (beyond
   odd-sized stragglers) whatever the depth of the model or the shard size.
+* :class:`FactorSpill` keeps per-block tensors on disk between two passes over the blocks (the
+  factors a parameter budget's survey computed, until the allocation gives them their ranks), one
+  file per block, deleted when the block is taken back.
 """
 
 from __future__ import annotations
@@ -263,3 +266,46 @@ def _rewrite_compact(path: Path, header: bytes, data_start: int, data_bytes: int
             dst.write(chunk)
             left -= len(chunk)
     os.replace(tmp, path)
+
+
+class FactorSpill:
+    """Per-block tensors parked in ``directory`` (created, and removed by :meth:`close`).
+
+    :meth:`put` writes block ``i``'s tensors (moved to the CPU) to one safetensors file and keeps
+    only ``meta`` (a small Python value) in memory; :meth:`take` reads them back (copies,
+    no memory map) with the meta and deletes the file, so the disk holds only blocks not yet taken.
+    """
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=False)
+        self._meta: dict[int, Any] = {}
+        self.bytes_written = 0
+
+    def _path(self, block: int) -> Path:
+        return self.directory / f"block-{block:05d}.safetensors"
+
+    def put(self, block: int, tensors: Mapping[str, torch.Tensor], meta: Any) -> None:
+        if block in self._meta:
+            raise ValueError(f"block {block} is already in the spill")
+        path = self._path(block)
+        if tensors:
+            save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path))
+            self.bytes_written += path.stat().st_size
+        self._meta[block] = meta
+
+    def take(self, block: int) -> tuple[dict[str, torch.Tensor], Any]:
+        meta = self._meta.pop(block)
+        path = self._path(block)
+        if not path.exists():
+            return {}, meta
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k).clone() for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+        path.unlink()
+        return tensors, meta
+
+    def close(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.directory, ignore_errors=True)
+        self._meta.clear()

@@ -33,6 +33,9 @@ from .targets import select_targets
 
 log = logging.getLogger(__name__)
 
+#: Where a parameter budget's survey parks its factors, inside the (temporary) output directory.
+SPILL_DIR = ".lord-factor-spill"
+
 
 def resolve_config(config: LordConfig | None, overrides: dict[str, Any]) -> LordConfig:
     """``config`` with keyword ``overrides`` applied; unknown names are an error, with or without a config."""
@@ -258,7 +261,8 @@ def compress_model_dir(
         raise UsageError("the output directory must differ from the model directory")
     device = resolve_device(device)
     text_files(calib)  # fail on missing/empty/binary paths before loading anything heavy
-    _check_disk_space(out, weights_bytes(model_dir))
+    spills = config.param_ratio is not None and config.calibration == "independent"
+    _check_disk_space(out, weights_bytes(model_dir) * (2 if spills else 1), spills)
     tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
     calib_set = calibration_set(
         tokenizer, calib, _with_packing(data, model_dir, trust_remote_code), max_positions=max_positions(model_dir)
@@ -305,21 +309,39 @@ def _compress_streamed(model, model_dir, blocks, tmp, calib_set, config, dtype, 
     writer = ShardWriter(tmp, max_shard_bytes)
     stream["progress"](f"compressing {len(blocks)} blocks of {blocks.path} one at a time on {stream['device']}")
     engine = Engine(model, config, source=source, writer=writer, **stream)
+    spill = None
     try:
         budget = None
         if config.param_ratio is not None:
             from .budget import streamed_survey
+            from .checkpoint import FactorSpill
 
-            stream["progress"](f"surveying {len(blocks)} blocks for the parameter budget (spectra, then sensitivities)")
+            if config.calibration == "independent":  # the survey's factors are the answer, once truncated
+                spill = FactorSpill(tmp / SPILL_DIR)
+                stream["progress"](
+                    f"surveying {len(blocks)} blocks for the parameter budget (spectra and factors, then sensitivities)"
+                )
+            else:
+                stream["progress"](
+                    f"surveying {len(blocks)} blocks for the parameter budget (spectra, then sensitivities)"
+                )
             batches = list(calib_set.batches())
-            budget = plan_budget(model, batches, config, [], surveyed=streamed_survey(engine, batches, blocks))
+            surveyed = streamed_survey(engine, batches, blocks, spill=spill)
+            budget = plan_budget(model, batches, config, [], surveyed=surveyed)
             engine.ranks = budget.ranks
-        result = engine.run(calib_set.batches(), blocks)
+        if spill is not None:
+            result = engine.write_kept(blocks, spill)
+            budget.report["spilled_bytes"] = spill.bytes_written
+        else:
+            result = engine.run(calib_set.batches(), blocks)
         tied = engine.write_rest(blocks)
         writer.close()
     except BaseException:
         writer.abort()  # the open shard file; the caller removes the directory
         raise
+    finally:
+        if spill is not None:
+            spill.close()
     plan = Plan(config=config, groups=result.groups, warnings=result.warnings, base_model=base)
     saved = sum(g.dense_params - g.factor_params for g in plan.factorized_groups)
     write_config_and_tokenizer(tmp, model, plan, model_dir)
@@ -373,14 +395,16 @@ def _load_outside_blocks(model: nn.Module, source: Any, blocks: Any, device: tor
                 module._buffers[bname] = buf.to(device)
 
 
-def _check_disk_space(out: Path, needed: int) -> None:
-    """UsageError when the output's file system has less free space than the dense weights take."""
+def _check_disk_space(out: Path, needed: int, spills: bool = False) -> None:
+    """UsageError when the output's file system has less free space than ``needed``: the dense
+    weights' size, twice that when a parameter budget parks its factors on disk (``spills``)."""
     parent = out.absolute().parent
     if not parent.is_dir():
         raise UsageError(f"the parent directory of output {str(out)!r} does not exist")
     free = shutil.disk_usage(parent).free
     if needed > free:
         raise UsageError(
-            f"the output may need up to {needed / 1e9:.2f} GB (the size of the dense weights) but "
-            f"{parent} has {free / 1e9:.2f} GB free"
+            f"the output may need up to {needed / 1e9:.2f} GB ("
+            + ("twice the dense weights: the parameter budget parks factors on disk" if spills else "the dense weights")
+            + f") but {parent} has {free / 1e9:.2f} GB free"
         )

@@ -243,11 +243,23 @@ class Engine:
         return EngineResult(self.groups, self.tensors, self.warnings, timings, len(blocks), True, self.batches)
 
     # -- the survey for a parameter budget ----------------------------------------------------
-    def survey(self, batches: Sequence[dict[str, torch.Tensor]], blocks: Blocks, *, fisher: bool, fisher_batches: int):
+    def survey(
+        self,
+        batches: Sequence[dict[str, torch.Tensor]],
+        blocks: Blocks,
+        *,
+        fisher: bool,
+        fisher_batches: int,
+        spill: Any = None,
+    ):
         """The allocation's survey of the dense model, one block at a time (see :mod:`lord_export.budget`).
 
         Forward over the blocks: calibrate each block on the dense stream and keep only its groups'
-        output spectra (statistics and decompositions are freed with the block). With ``fisher``, the
+        output spectra (statistics and decompositions are freed with the block). With ``spill`` (a
+        :class:`~lord_export.checkpoint.FactorSpill`; independent calibration) every group is also
+        factorized at the largest rank any allocation can give it (its override's rank for a fixed
+        group) and the factors are parked there, so that :meth:`write_kept` finishes the
+        compression by truncation instead of a second calibration pass. With ``fisher``, the
         inputs of every block for the first ``fisher_batches`` batches are kept too, the LM loss is
         taken on the final hidden states (the blocks replayed, as for targets outside them), and its
         gradient is carried back block by block — each block loaded again, recomputed from its stored
@@ -257,7 +269,7 @@ class Engine:
         """
         from . import factorize as fz
         from .allocate import GroupCurve
-        from .planner import override_for, stacked_weight
+        from .planner import keep_factors, override_for, stacked_weight
 
         t0 = time.perf_counter()
         layers = select_targets(self.model, self.config.targets, self.config.exclude)
@@ -271,8 +283,10 @@ class Engine:
             calls = [self._on_device(c) for c in calls]
             dense = [self._park(h) for h in hiddens]
             n_fisher = min(fisher_batches, len(dense)) if fisher else 0
+            self.batches = len(calls)
             inputs: list[list[torch.Tensor]] = []
             for i in range(len(blocks)):
+                t_block = time.perf_counter()
                 block, prefix = blocks.modules[i], blocks.name(i)
                 self.source.materialize(block, prefix, self.device)
                 inputs.append(dense[:n_fisher])
@@ -283,21 +297,45 @@ class Engine:
                         dense[b] = self._park(run_block(block, self._load(dense[b]), call))
                         cal.end_batch()
                 members_of[i] = {}
+                kept_groups: list[tuple[list[str], int, bool]] = []  # (names, tokens, factors kept)
+                kept: dict[str, torch.Tensor] = {}
                 if local:
                     calibration = cal.result()
+                    if spill is not None:
+                        warn_few_tokens(calibration)
+                        self.warnings.extend(w for w in calibration.warnings if w not in self.warnings)
                     modules = dict(block.named_modules())
                     for names in build_groups(local, calibration.input_of, self.config.grouping):
+                        stats = calibration.of(names[0])
                         group = describe_group(modules, names, self.config, ranks={}, prefix=prefix)
                         full = group.renamed(prefix)
+                        keep_rank = None
                         if override_for(full, self.config.overrides) is not None:
                             fixed[full.name] = group.rank if group.factorized else None
                             fixed_removed += group.dense_params - group.factor_params if group.factorized else 0
-                            continue
-                        W = stacked_weight(modules, group).to(self.stats_device)
-                        spectrum = fz.output_eigenvalues(W, calibration.of(names[0]).C).cpu()
-                        kind = ",".join(m.name.rsplit(".", 1)[-1] for m in group.members)
-                        curves.append(GroupCurve(full.name, kind, group.d_in, group.d_out, spectrum))
-                        members_of[i][full.name] = names
+                            keep_rank = group.rank if group.factorized else None
+                        else:
+                            kind = ",".join(m.name.rsplit(".", 1)[-1] for m in group.members)
+                            curve = GroupCurve(full.name, kind, group.d_in, group.d_out, torch.empty(0))
+                            candidates = curve.ranks(self.config.rank_multiple)
+                            keep_rank = candidates[0] if candidates else None
+                            if spill is not None and keep_rank is not None:
+                                group_kept = keep_factors(modules, group, stats, self.config.method, keep_rank)
+                                curve.spectrum = group_kept.spectrum.cpu()
+                            else:
+                                W = stacked_weight(modules, group).to(self.stats_device)
+                                curve.spectrum = fz.output_eigenvalues(W, stats.C).cpu()
+                            curves.append(curve)
+                            members_of[i][full.name] = names
+                        if spill is not None:
+                            if keep_rank is not None and full.name in fixed:
+                                group_kept = keep_factors(modules, group, stats, self.config.method, keep_rank)
+                            j = len(kept_groups)
+                            kept_groups.append((names, stats.tokens, keep_rank is not None))
+                            if keep_rank is not None:
+                                kept.update({f"{j}.{k}": v for k, v in group_kept.tensors().items()})
+                if spill is not None:
+                    spill.put(i, kept, {"groups": kept_groups, "seconds": time.perf_counter() - t_block})
                 self.source.release(block)
                 self.say(f"survey: block {i + 1}/{len(blocks)}")
             template = _output_structure_released(blocks, self, dense[0], calls[0]) if n_fisher else None
@@ -316,6 +354,44 @@ class Engine:
         t2 = time.perf_counter()
         timings = {"survey_s": round(t1 - t0, 3), "sensitivity_s": round(t2 - t1, 3)}
         return curves, fixed, fixed_removed, timings
+
+    def write_kept(self, blocks: Blocks, spill: Any) -> EngineResult:
+        """Finish a compression whose survey kept its factors (:meth:`survey` with ``spill``).
+
+        Block by block: load the block, give every group its allocated rank (``self.ranks``) by
+        truncating the kept factors (the same factors a calibration at that rank would compute:
+        :class:`~lord_export.planner.KeptFactors`), swap, write, free. Nothing is calibrated or
+        decomposed again.
+        """
+        from .planner import KeptFactors, truncated_group_tensors
+
+        t0 = time.perf_counter()
+        block_seconds = []
+        for i in range(len(blocks)):
+            t_block = time.perf_counter()
+            block, prefix = blocks.modules[i], blocks.name(i)
+            self.source.materialize(block, prefix, self.device)
+            kept, meta = spill.take(i)
+            modules = dict(block.named_modules())
+            groups, tensors = [], {}
+            for j, (names, tokens, has_factors) in enumerate(meta["groups"]):
+                group = describe_group(modules, names, self.config, tokens=tokens, ranks=self.ranks, prefix=prefix)
+                if group.factorized:
+                    if not has_factors:
+                        raise CalibrationError(
+                            f"{group.renamed(prefix).name}: no factors were kept for rank {group.rank}"
+                        )
+                    factors = KeptFactors(*(kept[f"{j}.{k}"].to(self.device) for k in ("A", "B", "errors", "spectrum")))
+                    group_tensors = truncated_group_tensors(modules, group, factors)
+                    apply_group(block, group, group_tensors)
+                    tensors.update(group_tensors)
+                groups.append(group)
+            self._record(groups, tensors, prefix, block)
+            self.source.release(block)
+            block_seconds.append(round(meta["seconds"] + time.perf_counter() - t_block, 3))
+            self.say(f"block {i + 1}/{len(blocks)}: {sum(g.factorized for g in groups)} group(s) factorized, written")
+        timings = {"compress_s": round(time.perf_counter() - t0, 3), "blocks_s": block_seconds}
+        return EngineResult(self.groups, self.tensors, self.warnings, timings, len(blocks), True, self.batches)
 
     def _head_gradients(self, finals, calls, batches, blocks, template) -> list[torch.Tensor]:
         """∂L/∂(final hidden states) per batch: the model run with its blocks replaced by a replay."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -136,6 +137,14 @@ def factorize_group(
     ``cache`` (any dict, shared across calls) keeps each group's rank-independent decomposition,
     so factorizing the same statistics at several ranks decomposes once.
     """
+    W, C, f, A, B = _factors(modules, group, stats, method, group.rank, cache)
+    group.relative_error = fz.relative_error(W, A, B, C, total=float(f.spectrum.sum()))
+    group.optimal_relative_error = fz.optimal_relative_error(f.spectrum, group.rank)
+    return group_tensors(modules, group, A, B)
+
+
+def _factors(modules, group, stats, method, rank, cache=None):
+    """(W, C, float64 factors, A and B in the layers' dtype) of ``group`` at ``rank``."""
     weight = modules[group.members[0].name].weight
     W = stacked_weight(modules, group)
     C = stats.C.to(W.device)
@@ -143,16 +152,56 @@ def factorize_group(
         key = (group.name, "lord")
         if cache is not None and key not in cache:
             cache[key] = fz.output_spectrum(W, C)
-        f = fz.lord(W, C, group.rank, decomposition=cache.get(key) if cache is not None else None)
+        f = fz.lord(W, C, rank, decomposition=cache.get(key) if cache is not None else None)
     elif method == "svd":
-        f = fz.svd(W, group.rank, C)
+        f = fz.svd(W, rank, C)
     else:
-        f = fz.asvd(W, stats.mean_abs.to(W.device), group.rank, C)
-    A = f.A.to(weight.dtype)
-    B = f.B.to(weight.dtype)
-    group.relative_error = fz.relative_error(W, A, B, C, total=float(f.spectrum.sum()))
-    group.optimal_relative_error = fz.optimal_relative_error(f.spectrum, group.rank)
-    return group_tensors(modules, group, A, B)
+        f = fz.asvd(W, stats.mean_abs.to(W.device), rank, C)
+    return W, C, f, f.A.to(weight.dtype), f.B.to(weight.dtype)
+
+
+@dataclass
+class KeptFactors:
+    """A group's factors at the largest rank it may still be given, to be truncated later.
+
+    Every method orders its factors by importance (eigen/singular vectors, largest first), so the
+    factors at a smaller rank r are the first r columns of ``A`` and rows of ``B``; ``errors[r − 1]``
+    is the relative output error of that truncation (in the layers' dtype, as stored) and
+    ``spectrum`` gives its closed-form bound.
+    """
+
+    A: torch.Tensor  # (d_out, R), the layers' dtype
+    B: torch.Tensor  # (R, d_in)
+    errors: torch.Tensor  # (R,) float64
+    spectrum: torch.Tensor  # output spectrum, float64
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[1]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"A": self.A, "B": self.B, "errors": self.errors, "spectrum": self.spectrum}
+
+
+def keep_factors(
+    modules: Mapping[str, nn.Module], group: Group, stats: InputStats, method: str, rank: int
+) -> KeptFactors:
+    """``group``'s factors at ``rank`` with the error of every truncation (:class:`KeptFactors`)."""
+    W, C, f, A, B = _factors(modules, group, stats, method, rank)
+    errors = fz.relative_errors_by_rank(W, A, B, C, total=float(f.spectrum.sum()))
+    return KeptFactors(A, B, errors, f.spectrum)
+
+
+def truncated_group_tensors(
+    modules: Mapping[str, nn.Module], group: Group, kept: KeptFactors
+) -> dict[str, torch.Tensor]:
+    """:func:`factorize_group`'s result at ``group.rank`` from factors kept at a larger rank."""
+    r = group.rank
+    if not 1 <= r <= kept.rank:
+        raise PlanError(f"{group.name}: rank {r} is outside the kept factors' 1..{kept.rank}")
+    group.relative_error = float(kept.errors[r - 1])
+    group.optimal_relative_error = fz.optimal_relative_error(kept.spectrum, r)
+    return group_tensors(modules, group, kept.A[:, :r], kept.B[:r])
 
 
 def factorize_group_on_compressed(

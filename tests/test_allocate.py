@@ -157,6 +157,12 @@ def test_cli_compress_meets_a_parameter_ratio(tiny_llama_dir, code_corpus, tmp_p
     assert report["params_after"] <= report["budget"]["params_target"]
     assert 0.75 < report["params_ratio"] <= 0.8
     assert report["block_by_block"] and report["budget"]["sensitivity_s"] > 0  # the streamed survey
+    assert (
+        report["budget"]["spilled_bytes"] > 0 and sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+    )
+    for g in report["groups"]:
+        if g["factorized"]:  # errors of the truncated factors, at the closed-form bound
+            assert g["optimal_relative_error"] - 1e-9 <= g["relative_error"] <= g["optimal_relative_error"] + 1e-4
     model = le.load(out)
     assert sum(p.numel() for p in model.parameters()) == report["params_after"]
 
@@ -222,3 +228,45 @@ def test_sensitivity_pass_takes_whole_batches_up_to_its_token_count():
     assert sensitivity_batch_count(batches, 10_000, share=1.0) == 5
     assert sensitivity_batch_count(batches, 10_000) == 2  # a quarter of the tokens: 60 -> two batches
     assert sensitivity_batch_count(batches, 100, share=0.1) == 1  # 24 tokens: one whole batch
+
+
+@pytest.mark.parametrize("method", ["lord", "asvd"])
+def test_one_pass_budget_equals_survey_then_compression(method, tmp_path):
+    """With independent calibration the streamed survey keeps every group's factors at the largest
+    rank an allocation can give it, and the write pass truncates them: the same ranks, factors, errors
+    and model as surveying, allocating, then compressing block by block at those ranks."""
+    import copy
+
+    from lord_export.budget import plan_budget, streamed_survey
+    from lord_export.checkpoint import FactorSpill
+    from lord_export.engine import Engine, find_streamable_blocks
+
+    config = le.LordConfig(param_ratio=0.8, method=method, overrides={"re:.*\\.1\\.mlp\\.down_proj$": 0.7})
+    dense = tiny_model("llama")
+    batches = correlated_batches(n_batches=3, batch=2, seq=24)
+    results = {}
+    for one_pass in (False, True):
+        model = copy.deepcopy(dense)
+        blocks, _ = find_streamable_blocks(model)
+        engine = Engine(model, config, device="cpu")
+        spill = FactorSpill(tmp_path / "spill") if one_pass else None
+        budget = plan_budget(model, batches, config, [], surveyed=streamed_survey(engine, batches, blocks, spill=spill))
+        engine.ranks = budget.ranks
+        result = engine.write_kept(blocks, spill) if one_pass else engine.run(batches, blocks)
+        results[one_pass] = (budget.ranks, result, model)
+        if one_pass:
+            assert spill.bytes_written > 0 and not list(spill.directory.iterdir())  # every block taken back
+            spill.close()
+    (ranks2, two, model2), (ranks1, one, model1) = results[False], results[True]
+    assert ranks1 == ranks2 and any(r is not None for r in ranks1.values())
+    assert [g.to_dict() | {"relative_error": 0} for g in one.groups] == [
+        g.to_dict() | {"relative_error": 0} for g in two.groups
+    ]
+    for a, b in zip(one.groups, two.groups, strict=True):
+        if a.factorized:
+            assert a.relative_error == pytest.approx(b.relative_error, rel=1e-6)
+    assert one.tensors.keys() == two.tensors.keys() and one.tensors
+    for name, t in two.tensors.items():
+        torch.testing.assert_close(one.tensors[name], t, rtol=1e-5, atol=1e-6)
+    ids = batches[0]["input_ids"]
+    torch.testing.assert_close(model1(input_ids=ids).logits, model2(input_ids=ids).logits, rtol=1e-4, atol=1e-5)

@@ -149,3 +149,24 @@ def test_output_eigenvalues_are_the_output_spectrum(d_out, d_in, n):
     fast = fz.output_eigenvalues(W, C)
     assert fast.shape == evals.shape
     assert torch.allclose(fast, evals, rtol=1e-8, atol=1e-10 * float(evals[0]))
+
+
+@pytest.mark.parametrize(
+    "d_out,d_in,dtype", [(24, 16, torch.float64), (16, 40, torch.float32), (20, 20, torch.bfloat16)]
+)
+def test_errors_of_every_truncation_equal_relative_error_at_each_rank(d_out, d_in, dtype):
+    g = torch.Generator().manual_seed(d_in)
+    W = torch.randn(d_out, d_in, dtype=torch.float64, generator=g)
+    X = correlated_inputs(d_in, 3 * d_in, seed=d_out)
+    C = X @ X.T
+    top = min(d_out, d_in)
+    f = fz.lord(W, C, top)
+    A, B = f.A.to(dtype), f.B.to(dtype)  # the factors as stored: cast, so not exactly orthonormal
+    errors = fz.relative_errors_by_rank(W, A, B, C)
+    assert errors.shape == (top,)
+    for r in range(1, top + 1):
+        assert float(errors[r - 1]) == pytest.approx(fz.relative_error(W, A[:, :r], B[:r], C), rel=1e-6, abs=1e-9)
+    if dtype == torch.float64:  # exact factors: the closed-form bound at every rank, 0 at full rank
+        bounds = [fz.optimal_relative_error(f.spectrum, r) for r in range(1, top + 1)]
+        torch.testing.assert_close(errors, torch.tensor(bounds, dtype=torch.float64), rtol=1e-6, atol=1e-7)
+        assert float(errors[-1]) < 1e-6
