@@ -3,6 +3,7 @@
     python benchmarks/allocation_cost.py reference [--rank-reduction 0.5] [--allocation fisher]
         [--calibrations independent,sequential] [--repeats 2]
     python benchmarks/allocation_cost.py smollm2 --model-dir "$(bash ../shared/tools/get-smollm2.sh)"
+    python benchmarks/allocation_cost.py smollm2 --model-dir ... --streamed   # the model-directory path
 
 Same models and calibration data as ``quality_sweeps.py``. For each calibration mode, interleaved
 ``--repeats`` times on fresh copies of the dense model: ``lord_export.compress`` with
@@ -11,6 +12,12 @@ Same models and calibration data as ``quality_sweeps.py``. For each calibration 
 sensitivities included). Times are the reports' ``compress_s`` (everything from the call to the
 swapped model); the survey's own split (``survey_s``, ``sensitivity_s``) comes from the budget
 report. Prints a table and writes ``benchmarks/results/allocation_cost_<model>.json``.
+
+``--streamed`` times what ``lord-export compress MODEL_DIR OUT`` runs instead: the model read block
+by block from its directory (``compress_model_dir``), written to a temporary output; the budget's
+survey is then a pass of its own (:func:`lord_export.budget.streamed_survey`). Same calibration
+files and sizes as the in-memory runs; times are the reports' ``compress_s`` (loading the dense
+blocks, calibration, factorization and writing included).
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ def main() -> None:
     ap.add_argument("--allocation", default="fisher")
     ap.add_argument("--calibrations", default="independent,sequential")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--streamed", action="store_true", help="time compress_model_dir (the CLI's path)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
@@ -47,20 +55,25 @@ def main() -> None:
     torch.manual_seed(0)
     src, calib, _, _ = load_setting(args.model, args.model_dir, 1)
     calib = list(calib)
-    dense = load_dense(src, dtype=torch.float32)
+    if args.streamed:
+        compress = streamed_compressor(args.model, src)
+    else:
+        dense = load_dense(src, dtype=torch.float32)
+
+        def compress(**settings):
+            return le.compress(copy.deepcopy(dense), calib, **settings).report
+
     rows = []
     for mode in [c.strip() for c in args.calibrations.split(",")]:
         uniform_s, alloc_s, survey_s, sensitivity_s, ratio = [], [], [], [], None
         for _ in range(args.repeats):
-            model = copy.deepcopy(dense)
-            plan = le.compress(model, calib, rank_reduction=args.rank_reduction, calibration=mode)
-            uniform_s.append(plan.report["timings"]["compress_s"])
-            ratio = plan.report["params_ratio"]
-            model = copy.deepcopy(dense)
-            plan = le.compress(model, calib, param_ratio=ratio, allocation=args.allocation, calibration=mode)
-            alloc_s.append(plan.report["timings"]["compress_s"])
-            survey_s.append(plan.report["budget"]["survey_s"])
-            sensitivity_s.append(plan.report["budget"]["sensitivity_s"])
+            report = compress(rank_reduction=args.rank_reduction, calibration=mode)
+            uniform_s.append(report["timings"]["compress_s"])
+            ratio = report["params_ratio"]
+            report = compress(param_ratio=ratio, allocation=args.allocation, calibration=mode)
+            alloc_s.append(report["timings"]["compress_s"])
+            survey_s.append(report["budget"]["survey_s"])
+            sensitivity_s.append(report["budget"]["sensitivity_s"])
         u, a = statistics.median(uniform_s), statistics.median(alloc_s)
         row = {
             "calibration": mode,
@@ -77,7 +90,8 @@ def main() -> None:
             f"(survey {statistics.median(survey_s):.1f} s, sensitivity {statistics.median(sensitivity_s):.1f} s)"
             f"   added {a / u - 1:+.1%}"
         )
-    out = Path(args.json or ROOT / "benchmarks" / "results" / f"allocation_cost_{args.model}.json")
+    suffix = "_streamed" if args.streamed else ""
+    out = Path(args.json or ROOT / "benchmarks" / "results" / f"allocation_cost_{args.model}{suffix}.json")
     result = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": platform.machine(),
@@ -86,10 +100,36 @@ def main() -> None:
         "rank_reduction": args.rank_reduction,
         "allocation": args.allocation,
         "calibration_batches": len(calib),
+        "path": "compress_model_dir (block by block from the directory)" if args.streamed else "compress (in memory)",
         "rows": rows,
     }
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
+
+
+def streamed_compressor(model: str, src: Path):
+    """``compress(**settings) -> report``: ``compress_model_dir`` on ``src`` with the calibration files
+    and sizes of :func:`quality_sweeps.load_setting`, into a temporary directory (float32 blocks)."""
+    import tempfile
+
+    from lord_export.compress import compress_model_dir
+    from lord_export.config import LordConfig
+    from lord_export.data import CalibrationOptions
+    from lord_export.reference import split_texts
+
+    if model == "stories260k":
+        raise SystemExit("--streamed needs a model whose calibration is a list of files (reference, smollm2)")
+    files = split_texts("calib")[:20] if model == "smollm2" else split_texts("calib")
+    samples, batch = (16, 4) if model == "smollm2" else (128, 16)
+    options = CalibrationOptions(samples=samples, seqlen=256, batch_size=batch)
+
+    def compress(**settings):
+        with tempfile.TemporaryDirectory() as tmp:
+            return compress_model_dir(
+                src, Path(tmp) / "out", files, LordConfig(**settings), data=options, dtype=torch.float32, device="cpu"
+            )
+
+    return compress
 
 
 if __name__ == "__main__":
