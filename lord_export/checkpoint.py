@@ -123,16 +123,23 @@ class CheckpointReader:
         """Every tensor (for small models and the whole-model path), floating ones cast to ``dtype``.
 
         One tensor at a time is read, moved and cast, so ``device`` never holds the model in two
-        dtypes at once (a float32 checkpoint loaded as bfloat16 on a GPU needs its bfloat16 size)."""
+        dtypes at once (a float32 checkpoint loaded as bfloat16 on a GPU needs its bfloat16 size).
+        What is returned never views the memory map (:meth:`copy`)."""
 
         def one(t: torch.Tensor) -> torch.Tensor:
-            t = t.to(device)
-            return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+            out = t.to(device)
+            out = out.to(dtype) if dtype is not None and out.is_floating_point() else out
+            return out.clone() if out.data_ptr() == t.data_ptr() else out
 
         try:
             return {name: one(self.get(name)) for name in self.files}
         finally:
             self.close()
+
+    def copy(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` in memory of its own: a kept view of the map would pin the file's pages and
+        be read through 4 KiB file pages (a decode step's weights measurably slower than a copy's)."""
+        return self.get(name).clone()
 
 
 class ShardWriter:

@@ -172,7 +172,8 @@ def read_plan(path: str | Path, *, with_tensors: bool = True) -> Plan:
         missing = sorted(wanted - set(reader.keys()))
         if missing:
             raise PlanError(f"the weights of {plan_file.parent} lack factors {missing[:5]}")
-        plan.tensors = {k: reader.get(k) for k in sorted(wanted)}
+        plan.tensors = {k: reader.copy(k) for k in sorted(wanted)}
+        reader.close()
     return plan
 
 
