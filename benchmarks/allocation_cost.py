@@ -46,6 +46,14 @@ def main() -> None:
     ap.add_argument("--calibrations", default="independent,sequential")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--streamed", action="store_true", help="time compress_model_dir (the CLI's path)")
+    ap.add_argument(
+        "--calib-samples",
+        type=int,
+        default=None,
+        help="calibration blocks from ALL calibration-split files instead of quality_sweeps' set "
+        "(lord-export compress's default: 128 blocks of 512 tokens)",
+    )
+    ap.add_argument("--calib-seqlen", type=int, default=512)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
@@ -54,9 +62,17 @@ def main() -> None:
 
     torch.manual_seed(0)
     src, calib, _, _ = load_setting(args.model, args.model_dir, 1)
+    options = None
+    if args.calib_samples is not None:
+        from lord_export.data import CalibrationOptions, calibration_set
+        from lord_export.hf import load_tokenizer
+        from lord_export.reference import split_texts
+
+        options = CalibrationOptions(samples=args.calib_samples, seqlen=args.calib_seqlen)
+        calib = calibration_set(load_tokenizer(src), split_texts("calib"), options).batches()
     calib = list(calib)
     if args.streamed:
-        compress = streamed_compressor(args.model, src)
+        compress = streamed_compressor(args.model, src, options)
     else:
         dense = load_dense(src, dtype=torch.float32)
 
@@ -90,7 +106,7 @@ def main() -> None:
             f"(survey {statistics.median(survey_s):.1f} s, sensitivity {statistics.median(sensitivity_s):.1f} s)"
             f"   added {a / u - 1:+.1%}"
         )
-    suffix = "_streamed" if args.streamed else ""
+    suffix = ("_streamed" if args.streamed else "") + (f"_{args.calib_samples}x{args.calib_seqlen}" if options else "")
     out = Path(args.json or ROOT / "benchmarks" / "results" / f"allocation_cost_{args.model}{suffix}.json")
     result = {
         "date": time.strftime("%Y-%m-%d"),
@@ -100,6 +116,7 @@ def main() -> None:
         "rank_reduction": args.rank_reduction,
         "allocation": args.allocation,
         "calibration_batches": len(calib),
+        "calibration_tokens": sum(int(b["attention_mask"].sum()) for b in calib),
         "path": "compress_model_dir (block by block from the directory)" if args.streamed else "compress (in memory)",
         "rows": rows,
     }
@@ -107,9 +124,10 @@ def main() -> None:
     print(f"wrote {out}")
 
 
-def streamed_compressor(model: str, src: Path):
+def streamed_compressor(model: str, src: Path, options=None):
     """``compress(**settings) -> report``: ``compress_model_dir`` on ``src`` with the calibration files
-    and sizes of :func:`quality_sweeps.load_setting`, into a temporary directory (float32 blocks)."""
+    and sizes of :func:`quality_sweeps.load_setting` (or all calibration-split files with ``options``),
+    into a temporary directory (float32 blocks)."""
     import tempfile
 
     from lord_export.compress import compress_model_dir
@@ -119,9 +137,12 @@ def streamed_compressor(model: str, src: Path):
 
     if model == "stories260k":
         raise SystemExit("--streamed needs a model whose calibration is a list of files (reference, smollm2)")
-    files = split_texts("calib")[:20] if model == "smollm2" else split_texts("calib")
-    samples, batch = (16, 4) if model == "smollm2" else (128, 16)
-    options = CalibrationOptions(samples=samples, seqlen=256, batch_size=batch)
+    if options is None:
+        files = split_texts("calib")[:20] if model == "smollm2" else split_texts("calib")
+        samples, batch = (16, 4) if model == "smollm2" else (128, 16)
+        options = CalibrationOptions(samples=samples, seqlen=256, batch_size=batch)
+    else:
+        files = split_texts("calib")
 
     def compress(**settings):
         with tempfile.TemporaryDirectory() as tmp:
