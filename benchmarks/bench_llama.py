@@ -25,7 +25,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(ap)
     add_speed_args(ap)
-    ap.add_argument("--backends", default="all")
+    ap.add_argument("--backends", nargs="+", default=["all"])
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--decode-context", type=int, default=128)
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for torch and ORT")
@@ -46,7 +46,7 @@ def main() -> None:
     out = args.json or f"benchmarks/results/bench_llama_{device}.json"
     cmd = [
         sys.executable, "-m", "lord_export.cli", "bench", str(work / "dense"), str(work / "lord"),
-        "--backends", args.backends, "--tokens", *map(str, args.tokens), "--decode-tokens", str(args.decode_tokens),
+        "--backends", *args.backends, "--tokens", *map(str, args.tokens), "--decode-tokens", str(args.decode_tokens),
         "--decode-context", str(args.decode_context), "--repeats", str(args.repeats), "--warmup", str(args.warmup),
         "--json", out, "--device", device, "--dtype", args.dtype, *(["-v"] if args.verbose else []),
         *(["--threads", str(args.threads)] if args.threads else []),
