@@ -197,7 +197,7 @@ class Calibrator:
         self._seen.clear()
 
     def run_batch(self, model: nn.Module, kwargs: dict[str, Any]) -> None:
-        """Run one batch (``model(**kwargs)``, ``batch_hooks`` on), stopping after the last targeted layer.
+        """Run one batch (``model(**kwargs)``, ``batch_hooks`` on), stopped at the LM head.
 
         The forward stops when the model's output embeddings (``get_output_embeddings()``, not a
         target) are called after every targeted layer was; a model without them, or a batch that

@@ -309,7 +309,7 @@ class Engine:
                         stats = calibration.of(names[0])
                         group = describe_group(modules, names, self.config, ranks={}, prefix=prefix)
                         full = group.renamed(prefix)
-                        keep_rank = None
+                        curve = None
                         if override_for(full, self.config.overrides) is not None:
                             fixed[full.name] = group.rank if group.factorized else None
                             fixed_removed += group.dense_params - group.factor_params if group.factorized else 0
@@ -318,22 +318,22 @@ class Engine:
                             kind = ",".join(m.name.rsplit(".", 1)[-1] for m in group.members)
                             curve = GroupCurve(full.name, kind, group.d_in, group.d_out, torch.empty(0))
                             candidates = curve.ranks(self.config.rank_multiple)
-                            keep_rank = candidates[0] if candidates else None
-                            if spill is not None and keep_rank is not None:
-                                group_kept = keep_factors(modules, group, stats, self.config.method, keep_rank)
-                                curve.spectrum = group_kept.spectrum.cpu()
+                            keep_rank = candidates[0] if candidates else None  # the largest any allocation gives
+                            curves.append(curve)
+                            members_of[i][full.name] = names
+                        factors = None
+                        if spill is not None and keep_rank is not None:
+                            factors = keep_factors(modules, group, stats, self.config.method, keep_rank)
+                            j = len(kept_groups)
+                            kept.update({f"{j}.{k}": v for k, v in factors.tensors().items()})
+                        if spill is not None:
+                            kept_groups.append((names, stats.tokens, factors is not None))
+                        if curve is not None:
+                            if factors is not None:
+                                curve.spectrum = factors.spectrum.cpu()
                             else:
                                 W = stacked_weight(modules, group).to(self.stats_device)
                                 curve.spectrum = fz.output_eigenvalues(W, stats.C).cpu()
-                            curves.append(curve)
-                            members_of[i][full.name] = names
-                        if spill is not None:
-                            if keep_rank is not None and full.name in fixed:
-                                group_kept = keep_factors(modules, group, stats, self.config.method, keep_rank)
-                            j = len(kept_groups)
-                            kept_groups.append((names, stats.tokens, keep_rank is not None))
-                            if keep_rank is not None:
-                                kept.update({f"{j}.{k}": v for k, v in group_kept.tensors().items()})
                 if spill is not None:
                     spill.put(i, kept, {"groups": kept_groups, "seconds": time.perf_counter() - t_block})
                 self.source.release(block)
