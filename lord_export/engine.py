@@ -41,7 +41,7 @@ from .blocks import BlockCall, Blocks, capture_block_inputs, find_blocks, mixed_
 from .calibrate import Calibrator, InputStats, exact_matmuls, select_tokens, warn_few_tokens
 from .config import LordConfig
 from .device import statistics_device
-from .errors import CalibrationError
+from .errors import CalibrationError, PlanError
 from .plan import Group
 from .planner import build_groups, describe_group, factorize_group, factorize_group_on_compressed
 from .targets import select_targets
@@ -378,9 +378,7 @@ class Engine:
                 group = describe_group(modules, names, self.config, tokens=tokens, ranks=self.ranks, prefix=prefix)
                 if group.factorized:
                     if not has_factors:
-                        raise CalibrationError(
-                            f"{group.renamed(prefix).name}: no factors were kept for rank {group.rank}"
-                        )
+                        raise PlanError(f"{group.renamed(prefix).name}: no factors were kept for rank {group.rank}")
                     factors = KeptFactors(*(kept[f"{j}.{k}"].to(self.device) for k in ("A", "B", "errors", "spectrum")))
                     group_tensors = truncated_group_tensors(modules, group, factors)
                     apply_group(block, group, group_tensors)

@@ -143,7 +143,9 @@ def factorize_group(
     return group_tensors(modules, group, A, B)
 
 
-def _factors(modules, group, stats, method, rank, cache=None):
+def _factors(
+    modules: Mapping[str, nn.Module], group: Group, stats: InputStats, method: str, rank: int, cache: dict | None = None
+) -> tuple[torch.Tensor, torch.Tensor, fz.Factors, torch.Tensor, torch.Tensor]:
     """(W, C, float64 factors, A and B in the layers' dtype) of ``group`` at ``rank``."""
     weight = modules[group.members[0].name].weight
     W = stacked_weight(modules, group)

@@ -293,7 +293,7 @@ def test_load_all_casts_floating_tensors_only(tmp_path):
 def test_loaded_models_and_plans_do_not_view_the_weights_file(tmp_path):
     """`load` and `read_plan` (the factors `backend="lord"` compiles in) keep copies, not views of the
     safetensors memory map: once read, the file is unmapped (views would also be read through 4 KiB
-    file pages: compiled decode measurably slower)."""
+    file pages: compiled decode slightly slower)."""
     import gc
 
     from lord_export.io import read_plan
