@@ -6,7 +6,7 @@
     python benchmarks/allocation_cost.py smollm2 --model-dir ... --streamed   # the model-directory path
 
 Same models and calibration data as ``quality_sweeps.py``. For each calibration mode, interleaved
-``--repeats`` times on fresh copies of the dense model: ``lord_export.compress`` with
+``--repeats`` times on fresh copies of the dense model: ``lord_export.pipeline.compress`` with
 ``rank_reduction=R`` (uniform), then with ``param_ratio`` = the ratio uniform reached and
 ``allocation`` (the survey — calibration of the dense model, one decomposition per group — and the
 sensitivities included). Times are the reports' ``compress_s`` (everything from the call to the
@@ -15,7 +15,7 @@ report. Prints a table and writes ``benchmarks/results/allocation_cost_<model>.j
 
 ``--streamed`` times what ``lord-export compress MODEL_DIR OUT`` runs instead: the model read block
 by block from its directory (``compress_model_dir``), written to a temporary output; the budget's
-survey is then a pass of its own (:func:`lord_export.budget.streamed_survey`). Same calibration
+survey is then a pass of its own (:func:`lord_export.pipeline.survey.streamed_survey`). Same calibration
 files and sizes as the in-memory runs; times are the reports' ``compress_s`` (loading the dense
 blocks, calibration, factorization and writing included).
 """
@@ -58,15 +58,15 @@ def main() -> None:
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     import lord_export as le
-    from lord_export.hf import load_dense
+    from lord_export.persist.hf import load_dense
 
     torch.manual_seed(0)
     src, calib, _, _ = load_setting(args.model, args.model_dir, 1)
     options = None
     if args.calib_samples is not None:
-        from lord_export.data import CalibrationOptions, calibration_set
-        from lord_export.hf import load_tokenizer
-        from lord_export.reference import split_texts
+        from lord_export.calibration.data import CalibrationOptions, calibration_set
+        from lord_export.measure.reference import split_texts
+        from lord_export.persist.hf import load_tokenizer
 
         options = CalibrationOptions(samples=args.calib_samples, seqlen=args.calib_seqlen)
         calib = calibration_set(load_tokenizer(src), split_texts("calib"), options).batches()
@@ -130,10 +130,10 @@ def streamed_compressor(model: str, src: Path, options=None):
     into a temporary directory (float32 blocks)."""
     import tempfile
 
-    from lord_export.compress import compress_model_dir
+    from lord_export.calibration.data import CalibrationOptions
     from lord_export.config import LordConfig
-    from lord_export.data import CalibrationOptions
-    from lord_export.reference import split_texts
+    from lord_export.measure.reference import split_texts
+    from lord_export.pipeline.model_dir import compress_model_dir
 
     if model == "stories260k":
         raise SystemExit("--streamed needs a model whose calibration is a list of files (reference, smollm2)")

@@ -52,8 +52,8 @@ models = {
 if args.factors_from_file:
     import tempfile
 
-    from lord_export.checkpoint import CheckpointReader
-    from lord_export.io import read_plan, save_compressed
+    from lord_export.persist.checkpoint import CheckpointReader
+    from lord_export.persist.io import read_plan, save_compressed
 
     saved = os.path.join(tempfile.mkdtemp(), "lord")
     save_compressed(lord, plan, saved)

@@ -36,9 +36,9 @@ def main() -> None:
     args = ap.parse_args()
 
     import lord_export as le
-    from lord_export import factorize as fz
-    from lord_export.planner import build_groups
-    from lord_export.targets import dense_weight
+    from lord_export.core import factorize as fz
+    from lord_export.core.targets import dense_weight
+    from lord_export.pipeline.planner import build_groups
 
     model = llama_model(args, max(2048, args.seqlen))
     model_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20

@@ -41,8 +41,8 @@ def write_model(directory: Path, layers: int, seed: int = 0, device: str = "cpu"
     GPU's generators give different weights for the same seed)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lord_export.checkpoint import ShardWriter
-    from lord_export.io import parameters_on_meta
+    from lord_export.persist.checkpoint import ShardWriter
+    from lord_export.persist.io import parameters_on_meta
 
     config = LlamaConfig(num_hidden_layers=layers, max_position_embeddings=4096, torch_dtype="bfloat16", **SHAPE)
     config.architectures = ["LlamaForCausalLM"]
@@ -74,7 +74,7 @@ def _write_tokenizer(directory: Path) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from lord_export.reference import split_texts
+    from lord_export.measure.reference import split_texts
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -123,7 +123,7 @@ def main() -> None:
     p.add_argument("--json", default=None)
     args = p.parse_args()
     sys.path.insert(0, str(ROOT))
-    from lord_export.reference import split_texts
+    from lord_export.measure.reference import split_texts
 
     calib = [str(f) for f in split_texts("calib")[:40]]
     rows = []

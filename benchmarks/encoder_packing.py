@@ -80,9 +80,9 @@ def main() -> None:
     args = p.parse_args()
     sys.path.insert(0, str(ROOT))
     import lord_export as le
+    from lord_export.calibration.data import batches, tokenize_blocks, tokenize_documents
     from lord_export.config import parse_rank_reductions
-    from lord_export.data import batches, tokenize_blocks, tokenize_documents
-    from lord_export.hf import load_dense, load_tokenizer
+    from lord_export.persist.hf import load_dense, load_tokenizer
 
     model_dir = fetch_minilm()
     tok = load_tokenizer(model_dir)

@@ -39,10 +39,10 @@ def main() -> None:
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     import lord_export as le
-    from lord_export import factorize as fz
     from lord_export.config import LordConfig
-    from lord_export.hf import load_dense
-    from lord_export.planner import build_groups, describe_group, stacked_weight
+    from lord_export.core import factorize as fz
+    from lord_export.persist.hf import load_dense
+    from lord_export.pipeline.planner import build_groups, describe_group, stacked_weight
 
     torch.manual_seed(0)
     src, calib, _, _ = load_setting(args.model, args.model_dir, 1)

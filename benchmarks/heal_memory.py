@@ -4,7 +4,7 @@ The LoRD paper's claim: LoRA on a LoRD model needs less memory than on the dense
 frozen weights to hold; the optimizer state is the adapters' either way). Both runs are the same
 code in a FRESH subprocess each: PEFT LoRA (rank ``--lora-r``, alpha 2r, the same target names
 q/k/v/o/gate/up/down_proj — on the LoRD model they are LordLinear members, see
-lord_export.peft_support), AdamW, ``--steps`` steps on the same calibration-split batches, float32.
+lord_export.integrations.peft), AdamW, ``--steps`` steps on the same calibration-split batches, float32.
 Memory is ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` (peak resident set) read after the
 imports, after loading the model, and after training; with ``--device cuda`` also the GPU's
 ``torch.cuda.max_memory_allocated`` after loading and after training (``--dtype bfloat16`` there),
@@ -41,8 +41,8 @@ def compress_worker(args: argparse.Namespace) -> None:
     import torch
 
     import lord_export
-    from lord_export.data import batches, read_documents, tokenize_blocks
-    from lord_export.hf import load_dense, load_tokenizer
+    from lord_export.calibration.data import batches, read_documents, tokenize_blocks
+    from lord_export.persist.hf import load_dense, load_tokenizer
 
     torch.set_num_threads(args.threads)
     tok = load_tokenizer(args.model_dir)
@@ -64,9 +64,9 @@ def worker(args: argparse.Namespace) -> None:
     from peft import LoraConfig, get_peft_model
 
     import lord_export
-    from lord_export.data import batches, read_documents, tokenize_blocks
-    from lord_export.heal import _lm_loss
-    from lord_export.hf import load_dense, load_tokenizer
+    from lord_export.calibration.data import batches, read_documents, tokenize_blocks
+    from lord_export.persist.hf import load_dense, load_tokenizer
+    from lord_export.pipeline.heal import _lm_loss
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -157,7 +157,7 @@ def main() -> None:
 
     import torch
 
-    from lord_export.reference import reference_model_dir, split_texts
+    from lord_export.measure.reference import reference_model_dir, split_texts
 
     model_dir = Path(args.model_dir) if args.model_dir else reference_model_dir()
     files = [str(p) for p in split_texts("calib")]

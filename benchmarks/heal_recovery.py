@@ -28,12 +28,11 @@ from pathlib import Path
 import torch
 
 import lord_export
-from lord_export.data import batches, document_windows, read_documents, tokenize_blocks
-from lord_export.heal import heal
-from lord_export.hf import load_dense, load_tokenizer
-from lord_export.measure.demo import subsample_windows
-from lord_export.measure.evaluate import perplexity
-from lord_export.reference import reference_model_dir, split_texts
+from lord_export.calibration.data import batches, document_windows, read_documents, subsample_windows, tokenize_blocks
+from lord_export.measure.reference import reference_model_dir, split_texts
+from lord_export.persist.hf import load_dense, load_tokenizer
+from lord_export.pipeline.evaluate import perplexity
+from lord_export.pipeline.heal import heal
 
 LR = {"lora": 1e-3, "factors": 1e-4}
 

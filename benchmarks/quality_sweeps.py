@@ -7,7 +7,7 @@ MODEL is ``stories260k`` (../shared/data), ``reference`` (the shipped code model
 (``bash ../shared/tools/get-smollm2.sh`` prints its directory; pass it with ``--model-dir``).
 Data (never overlapping): stories260k — calibration = the first 256 stories of tinystories_2MiB.txt,
 evaluation = the last 1,000 (512-token windows, evenly subsampled to ``--eval-tokens``); reference
-and smollm2 — the stdlib split of ``lord_export.reference`` (calibration files from the "calib"
+and smollm2 — the stdlib split of ``lord_export.measure.reference`` (calibration files from the "calib"
 split, evaluation files from the "eval" split; smollm2 uses 20 and 12 of them, as in
 ../shared/data/README.md). Writes ``benchmarks/results/<study>_<model>/`` (sweep.csv, sweep.json,
 plots) and prints a table.
@@ -34,10 +34,15 @@ SHARED = ROOT.parent / "shared" / "data"
 
 def load_setting(name: str, model_dir: str | None, eval_tokens: int):
     """(model dir, calibration batches, evaluation windows, pad id) of one of the three models."""
-    from lord_export.data import CalibrationOptions, calibration_set, evaluation_windows, tokenize_blocks
-    from lord_export.hf import load_tokenizer, pad_token_id
-    from lord_export.measure.demo import subsample_windows
-    from lord_export.reference import reference_model_dir, split_texts
+    from lord_export.calibration.data import (
+        CalibrationOptions,
+        calibration_set,
+        evaluation_windows,
+        subsample_windows,
+        tokenize_blocks,
+    )
+    from lord_export.measure.reference import reference_model_dir, split_texts
+    from lord_export.persist.hf import load_tokenizer, pad_token_id
 
     if name == "stories260k":
         src = SHARED / "stories260K-hf"
@@ -45,7 +50,7 @@ def load_setting(name: str, model_dir: str | None, eval_tokens: int):
         docs = [d.strip() for d in (SHARED / "text" / "tinystories_2MiB.txt").read_text().split("<|endoftext|>")]
         docs = [d for d in docs if d]
         ids, mask = tokenize_blocks(tok, docs[:256], samples=128, seqlen=256)
-        from lord_export.data import batches, document_windows
+        from lord_export.calibration.data import batches, document_windows
 
         calib = batches(ids, mask, 16)
         windows = subsample_windows(document_windows(tok, docs[-1000:], 512), eval_tokens)
@@ -86,8 +91,8 @@ def main() -> None:
     args = p.parse_args()
     sys.path.insert(0, str(ROOT))
     from lord_export.config import parse_rank_reductions
-    from lord_export.hf import load_dense
     from lord_export.measure.sweep import run_sweep, write_sweep
+    from lord_export.persist.hf import load_dense
 
     torch.manual_seed(0)
     src, calib, windows, pad = load_setting(args.model, args.model_dir, args.eval_tokens)

@@ -1,6 +1,6 @@
 """Which is better per byte: dense vs LoRD, each in float32, int8 and int4 ONNX (ONNX Runtime CPU).
 
-On the shipped reference code model (``lord_export.reference.reference_model_dir()``): LoRD at rank
+On the shipped reference code model (``lord_export.measure.reference.reference_model_dir()``): LoRD at rank
 reduction 0.5, all targets, calibrated on the reference calibration split (128 blocks × 256
 tokens, as ``sweep_reference.py``). Both models are exported by ``lord-export export``'s own path
 (``export_onnx``), then quantized with ``quantize_onnx`` ("int8": ONNX Runtime dynamic int8;
@@ -26,13 +26,12 @@ from pathlib import Path
 import numpy as np
 
 import lord_export as le
-from lord_export.data import batches, document_windows, read_documents, tokenize_blocks
+from lord_export.calibration.data import batches, document_windows, read_documents, subsample_windows, tokenize_blocks
 from lord_export.export.onnx import export_onnx, make_session, quantize_onnx
-from lord_export.hf import load_dense, load_tokenizer
-from lord_export.measure.demo import subsample_windows
-from lord_export.measure.evaluate import perplexity
+from lord_export.measure.reference import reference_model_dir, split_texts
 from lord_export.measure.timing import cpu_name
-from lord_export.reference import reference_model_dir, split_texts
+from lord_export.persist.hf import load_dense, load_tokenizer
+from lord_export.pipeline.evaluate import perplexity
 
 
 def ort_perplexity(session, windows) -> float:

@@ -14,11 +14,10 @@ import argparse
 import time
 from pathlib import Path
 
-from lord_export.data import batches, document_windows, read_documents, tokenize_blocks
-from lord_export.hf import load_dense, load_tokenizer
-from lord_export.measure.demo import subsample_windows
+from lord_export.calibration.data import batches, document_windows, read_documents, subsample_windows, tokenize_blocks
+from lord_export.measure.reference import reference_model_dir, split_texts
 from lord_export.measure.sweep import run_sweep, write_sweep
-from lord_export.reference import reference_model_dir, split_texts
+from lord_export.persist.hf import load_dense, load_tokenizer
 
 RANK_REDUCTIONS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
 TARGETS = ["all", "attention", "mlp", "mlp-down"]

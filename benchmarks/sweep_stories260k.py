@@ -13,9 +13,9 @@ import argparse
 import time
 from pathlib import Path
 
-from lord_export.data import batches, document_windows, tokenize_blocks
-from lord_export.hf import load_dense, load_tokenizer
+from lord_export.calibration.data import batches, document_windows, tokenize_blocks
 from lord_export.measure.sweep import run_sweep, write_sweep
+from lord_export.persist.hf import load_dense, load_tokenizer
 
 
 def main() -> None:

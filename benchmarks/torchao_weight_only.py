@@ -31,9 +31,9 @@ import torch
 from compile_speed import add_model_args, build
 from torch import nn
 
+from lord_export.core.modules import LordBottleneck, LordLinear
 from lord_export.measure.backends import RECOMPILE_LIMIT
 from lord_export.measure.runners import torch_runner
-from lord_export.modules import LordBottleneck, LordLinear
 
 
 def tensor_bytes(t: torch.Tensor) -> int:

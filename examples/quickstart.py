@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 import lord_export as le
-from lord_export.data import CalibrationOptions
+from lord_export.calibration.data import CalibrationOptions
 
 
 def stdlib_files(n: int) -> list[Path]:

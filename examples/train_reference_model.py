@@ -2,7 +2,7 @@
 
 A small Llama-architecture causal LM (grouped-query attention, SwiGLU MLP, tied embeddings) with a
 byte-level BPE tokenizer, both trained on the Python standard library sources of this interpreter.
-Files are split by a hash of their relative path (lord_export.reference: 90% train, 5% calibration,
+Files are split by a hash of their relative path (lord_export.measure.reference: 90% train, 5% calibration,
 5% evaluation; no file in two splits). The script writes the fp16 safetensors weights, the
 tokenizer, training_log.json and a README.md with the record of the run (command, data, steps,
 time, train/held-out loss, held-out perplexity against a unigram baseline).
@@ -29,11 +29,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lord_export.data import document_windows
-from lord_export.io import atomic_output_dir
-from lord_export.measure.evaluate import perplexity
+from lord_export.calibration.data import document_windows
+from lord_export.measure.reference import REFERENCE_MODEL, SEPARATOR_TOKEN, stdlib_split
 from lord_export.measure.timing import cpu_name
-from lord_export.reference import REFERENCE_MODEL, SEPARATOR_TOKEN, stdlib_split
+from lord_export.persist.io import atomic_output_dir
+from lord_export.pipeline.evaluate import perplexity
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "lord_export" / "assets" / REFERENCE_MODEL
 

@@ -11,29 +11,34 @@ or all three at once with :func:`compress`; save with :func:`save_compressed`, r
 :func:`load`. Importing this package does not import transformers, onnx or CUDA.
 """
 
-__version__ = "0.1.0"
+from . import _compat
+from ._version import __version__
+from .calibration.statistics import Calibration, calibrate
+from .config import LordConfig
+from .core.apply import apply_plan, check_plan_fits
+from .core.modules import LordBottleneck, LordLinear
+from .core.plan import Group, Member, Plan
+from .core.targets import PRESETS, select_targets
+from .errors import CalibrationError, InputError, LordError, PlanError, TargetError, UsageError
+from .export.dynamo import compile_model as compile
+from .integrations import peft_hook as _peft_hook
+from .integrations import transformers as _transformers
+from .persist.io import load, load_model_dir, read_plan, save_compressed
+from .pipeline.compress import compress
+from .pipeline.model_dir import compress_model_dir
+from .pipeline.planner import make_plan
 
-from .apply import apply_plan, check_plan_fits  # noqa: E402
-from .calibrate import Calibration, calibrate  # noqa: E402
-from .compress import compress, compress_model_dir  # noqa: E402
-from .config import LordConfig  # noqa: E402
-from .errors import CalibrationError, LordError, PlanError, TargetError, UsageError  # noqa: E402
-from .hf_quantizer import install_import_hook as _install_hf_hook  # noqa: E402
-from .io import load, load_model_dir, read_plan, save_compressed  # noqa: E402
-from .modules import LordBottleneck, LordLinear  # noqa: E402
-from .peft_hook import install as _install_peft_hook  # noqa: E402
-from .plan import Group, Member, Plan  # noqa: E402
-from .planner import make_plan  # noqa: E402
-from .targets import PRESETS, select_targets  # noqa: E402
-
+# lord_export 0.1's flat module paths (lord_export.io, lord_export.hf, ...) still import, with a warning
+_compat.install()
 # transformers' from_pretrained loads LoRD directories: the "lord" quantizer is registered when
 # transformers imports its quantizer registry (this does not import transformers)
-_install_hf_hook()
-# PEFT's LoRA wraps LoRD layers with default configs (lord_export.peft_support): patched when PEFT loads
-_install_peft_hook()
+_transformers.install_import_hook()
+# PEFT's LoRA wraps LoRD layers with default configs (lord_export.integrations.peft): patched when PEFT loads
+_peft_hook.install()
 
 __all__ = [
     "__version__",
+    "compile",
     "apply_plan",
     "check_plan_fits",
     "Calibration",
@@ -42,6 +47,7 @@ __all__ = [
     "compress_model_dir",
     "LordConfig",
     "CalibrationError",
+    "InputError",
     "LordError",
     "PlanError",
     "TargetError",

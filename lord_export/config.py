@@ -7,9 +7,9 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from .allocate import ALLOCATIONS, DEFAULT_ALLOCATION  # noqa: E402
+from .core.allocate import ALLOCATIONS, DEFAULT_ALLOCATION  # noqa: E402
+from .core.factorize import METHODS
 from .errors import UsageError
-from .factorize import METHODS
 
 CALIBRATION_MODES = ("independent", "sequential", "compensating")
 #: The default calibration mode, chosen from the measurements in benchmarks/RESULTS.md.
@@ -80,13 +80,16 @@ def check_known_keys(given: Iterable[str], known: Iterable[str], what: str) -> N
 
 @dataclass
 class LordConfig:
-    """What to compress and how. Field help is in ``metadata["help"]`` (the CLI shows it)."""
+    """What to compress and how. Field help is in ``metadata["help"]`` (the CLI shows it).
+
+    Give ``rank_reduction`` or ``param_ratio``; with neither, the Python API uses rank reduction 0.3.
+    """
 
     rank_reduction: float | None = field(
         default=None,
         metadata={
             "help": "fraction of each group's full rank min(sum d_out, d_in) removed, in [0, 1); "
-            "the kept rank is round((1 - R) * full rank); 0.3 when neither this nor param_ratio is given"
+            "the kept rank is round((1 - R) * full rank) (exclusive with param_ratio)"
         },
     )
     param_ratio: float | None = field(

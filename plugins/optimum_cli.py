@@ -23,92 +23,18 @@ LORD_GROUP = "LoRD compression (lord_export)"
 
 
 def add_lord_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``--lord-*`` flags (a flat list of declarations, hence the length)."""
-    from lord_export.allocate import ALLOCATIONS, DEFAULT_ALLOCATION
-    from lord_export.cli.args import override, param_ratio, positive_int, rank_reduction  # lord-export's checks
-    from lord_export.config import CALIBRATION_MODES, DEFAULT_CALIBRATION
+    """The ``--lord-*`` flags: lord-export compress's own option definitions (``lord_export.cli.args``),
+    prefixed, each list option taking one value per flag; plus ``--lord-plan``."""
+    from lord_export.cli.args import CALIBRATION_OPTIONS, COMPRESSION_OPTIONS, add_options
 
     g = parser.add_argument_group(
         LORD_GROUP,
-        description="Every --lord-* option takes at most one value, so it may come before or after the output "
-        "directory; repeat --lord-calib, --lord-targets and --lord-exclude for several values.",
+        description="The options of lord-export compress, prefixed with --lord-. Compressing needs "
+        "--lord-rank-reduction R or --lord-param-ratio P and --lord-calib PATH; or apply an existing plan with "
+        "--lord-plan DIR. Every --lord-* option takes at most one value, so it may come before or after the "
+        "output directory; repeat --lord-calib, --lord-targets and --lord-exclude for several values.",
     )
-    g.add_argument(
-        "--lord-rank-reduction",
-        type=rank_reduction,
-        default=None,
-        metavar="R",
-        help="compress with LoRD before exporting: fraction of each layer group's full rank "
-        "min(sum d_out, d_in) removed, in [0, 1). Needs --lord-calib.",
-    )
-    g.add_argument(
-        "--lord-param-ratio",
-        type=param_ratio,
-        default=None,
-        metavar="P",
-        help="compress with LoRD to this fraction of the whole model's parameters, in (0, 1], ranks per group "
-        "chosen by --lord-allocation (instead of --lord-rank-reduction). Needs --lord-calib.",
-    )
-    g.add_argument("--lord-allocation", choices=ALLOCATIONS, default=DEFAULT_ALLOCATION, help="see lord-export")
-    g.add_argument(
-        "--lord-override",
-        action="append",
-        type=override,
-        default=None,
-        metavar="PATTERN=VALUE",
-        help="per-layer rank reduction or 'dense' (repeatable), e.g. 're:.*o_proj$=dense'",
-    )
-    g.add_argument(
-        "--lord-calibration", choices=CALIBRATION_MODES, default=DEFAULT_CALIBRATION, help="see lord-export compress"
-    )
-    g.add_argument(
-        "--lord-calib",
-        action="append",
-        default=None,
-        metavar="PATH",
-        help="a calibration text/code file or folder (tokenized with the model's tokenizer); repeat the flag "
-        "for more: --lord-calib a.txt --lord-calib code/. One path per flag, so the flag may come before or "
-        "after the output directory",
-    )
-    g.add_argument(
-        "--lord-calib-samples", type=positive_int, default=128, metavar="N", help="calibration blocks (default 128)"
-    )
-    g.add_argument(
-        "--lord-calib-seqlen",
-        type=positive_int,
-        default=None,
-        metavar="L",
-        help="tokens per calibration block (default: 512 or the model's maximum positions)",
-    )
-    g.add_argument("--lord-calib-separator", default=None, metavar="S", help="split calibration files on S")
-    g.add_argument(
-        "--lord-targets",
-        action="append",
-        default=None,
-        metavar="T",
-        help="layers to compress: all, attention, mlp, mlp-down, a name or re:<regex> (default all); "
-        "one per flag, repeat the flag for more",
-    )
-    g.add_argument(
-        "--lord-exclude",
-        action="append",
-        default=None,
-        metavar="PATTERN",
-        help="a layer (name or re:<regex>) to leave dense; one per flag, repeat the flag for more",
-    )
-    g.add_argument(
-        "--lord-method",
-        choices=["lord", "svd", "asvd"],
-        default="lord",
-        help="factorization method (default lord: activation-aware, optimal)",
-    )
-    g.add_argument(
-        "--lord-rank-multiple",
-        type=positive_int,
-        default=1,
-        metavar="M",
-        help="round ranks to a multiple of M (e.g. 8 or 64 for tensor cores)",
-    )
+    add_options(g, COMPRESSION_OPTIONS + CALIBRATION_OPTIONS, prefix="lord-", one_value=True)
     g.add_argument(
         "--lord-plan",
         default=None,
@@ -149,15 +75,16 @@ def install() -> None:
     ONNXExportCommand._lord_installed = True
 
 
-def fail(message: str) -> None:
-    """Stop optimum-cli with one clear line and exit code 2 (bad usage), like argparse does."""
+def fail(message: str, code: int = 2) -> None:
+    """Stop optimum-cli with one clear line and lord-export's exit code (2: bad usage, as argparse does;
+    3: an input that is corrupt or does not fit; 1: the run failed)."""
     print(f"optimum-cli export onnx: error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+    raise SystemExit(code)
 
 
 def check_args(args: argparse.Namespace) -> None:
     """Everything that can be checked before optimum loads the model (SystemExit with code 2 style message)."""
-    from lord_export.data import text_files
+    from lord_export.calibration.data import text_files
     from lord_export.errors import UsageError
 
     sizes = [f for f in ("lord_rank_reduction", "lord_param_ratio", "lord_plan") if getattr(args, f) is not None]
@@ -181,8 +108,10 @@ def check_args(args: argparse.Namespace) -> None:
 def compress_for_export(model: Any, args: argparse.Namespace) -> dict[str, Any]:
     """Compress the model optimum loaded, in place; return the record written to lord_config.json."""
     import lord_export as le
-    from lord_export.data import CalibrationOptions, calibration_set
-    from lord_export.hf import load_tokenizer, max_positions, model_device
+    from lord_export.calibration.data import calibration_set
+    from lord_export.cli.args import calibration_options, config_from_args
+    from lord_export.device import model_device
+    from lord_export.persist.hf import load_tokenizer, max_positions
 
     if args.lord_plan is not None:
         plan = le.read_plan(args.lord_plan)
@@ -191,23 +120,10 @@ def compress_for_export(model: Any, args: argparse.Namespace) -> dict[str, Any]:
     model_dir = Path(args.model)
     max_pos = max_positions(model_dir) if (model_dir / "config.json").is_file() else None
     tokenizer = load_tokenizer(model_dir, trust_remote_code=bool(getattr(args, "trust_remote_code", False)))
-    options = CalibrationOptions(
-        samples=args.lord_calib_samples, seqlen=args.lord_calib_seqlen, separator=args.lord_calib_separator
-    )
-    calib_set = calibration_set(tokenizer, args.lord_calib, options, max_positions=max_pos)
+    calib_set = calibration_set(tokenizer, args.lord_calib, calibration_options(args, "lord_"), max_positions=max_pos)
     device = model_device(model)
     data = [{k: v.to(device) for k, v in b.items()} for b in calib_set.batches()]
-    config = le.LordConfig(
-        rank_reduction=args.lord_rank_reduction,
-        param_ratio=args.lord_param_ratio,
-        allocation=args.lord_allocation,
-        overrides=dict(args.lord_override or []),
-        calibration=args.lord_calibration,
-        method=args.lord_method,
-        targets=tuple(args.lord_targets or ["all"]),
-        exclude=tuple(args.lord_exclude or []),
-        rank_multiple=args.lord_rank_multiple,
-    )
+    config = config_from_args(args, prefix="lord_")
     plan = le.compress(model, data, config, progress=True)
     return plan.report
 
@@ -216,8 +132,8 @@ def run_with_lord(command: Any, upstream_run: Any) -> Any:
     """Run optimum's export with the model compressed first; output written atomically."""
     import optimum.exporters.onnx.__main__ as optimum_main
 
-    from lord_export.cli import usage_message
-    from lord_export.errors import LordError, UsageError
+    from lord_export.cli import error_message
+    from lord_export.errors import LordError
 
     args = command.args
     check_args(args)
@@ -230,10 +146,8 @@ def run_with_lord(command: Any, upstream_run: Any) -> Any:
     def export_compressed(model: Any, output: Any, *a: Any, **kw: Any) -> Any:
         try:
             record.update(compress_for_export(model, args))
-        except UsageError as e:
-            fail(usage_message(e))
         except LordError as e:
-            fail(str(e))
+            fail(error_message(e), e.exit_code)
         return upstream_export(model, output, *a, **kw)
 
     args.output = str(tmp)

@@ -12,12 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lord_export as le
-from lord_export.allocate import ALLOCATIONS, GroupCurve, allocate, predicted_loss
-from lord_export.budget import fisher_sensitivities
-from lord_export.compress import SPILL_DIR
+from lord_export.core.allocate import ALLOCATIONS, GroupCurve, allocate, predicted_loss
+from lord_export.core.fingerprint import count_parameters
 from lord_export.errors import TargetError, UsageError
-from lord_export.fingerprint import count_parameters
-from tests.conftest import correlated_batches, tiny_model
+from lord_export.pipeline.model_dir import SPILL_DIR
+from lord_export.pipeline.survey import fisher_sensitivities
+from tests.helpers import correlated_batches, tiny_model
 
 SHAPES = {"qkv": (64, 128), "o": (64, 64), "gate_up": (64, 320), "down": (160, 64)}
 
@@ -105,7 +105,7 @@ def test_param_ratio_compresses_to_the_budget_with_overrides_winning():
     assert not by_name["model.layers.0.self_attn.{o_proj}"].factorized
     assert "override" in by_name["model.layers.0.self_attn.{o_proj}"].reason
     down = by_name["model.layers.1.mlp.{down_proj}"]
-    from lord_export.factorize import rank_for
+    from lord_export.core.factorize import rank_for
 
     assert down.factorized and down.rank == rank_for(down.d_out, down.d_in, 0.6)
 
@@ -171,9 +171,9 @@ def test_cli_compress_meets_a_parameter_ratio(tiny_llama_dir, code_corpus, tmp_p
 def test_streamed_survey_equals_the_whole_model_survey(arch):
     """One block at a time (spectra, then gradients carried back block by block) gives the whole-model
     survey's curves and Fisher sensitivities; overrides are fixed the same way."""
-    from lord_export.budget import streamed_survey, survey
-    from lord_export.engine import Engine, find_streamable_blocks
-    from lord_export.targets import select_targets
+    from lord_export.core.targets import select_targets
+    from lord_export.pipeline.engine import Engine, find_streamable_blocks
+    from lord_export.pipeline.survey import streamed_survey, survey
 
     allocation = "spectrum" if arch == "bert" else "fisher"  # bert is no causal LM
     exclude = ("re:pooler\\..*",) if arch == "bert" else ()  # a target outside the blocks goes the whole-model way
@@ -219,7 +219,7 @@ def test_fisher_sensitivity_is_the_mean_squared_output_gradient():
 
 
 def test_sensitivity_pass_takes_whole_batches_up_to_its_token_count():
-    from lord_export.budget import sensitivity_batch_count
+    from lord_export.pipeline.survey import sensitivity_batch_count
 
     batches = correlated_batches(n_batches=5, batch=2, seq=24)  # 48 tokens each, 240 in all
     assert sensitivity_batch_count(batches, 100, share=1.0) == 3
@@ -237,9 +237,9 @@ def test_one_pass_budget_equals_survey_then_compression(method, tmp_path):
     and model as surveying, allocating, then compressing block by block at those ranks."""
     import copy
 
-    from lord_export.budget import plan_budget, streamed_survey
-    from lord_export.checkpoint import FactorSpill
-    from lord_export.engine import Engine, find_streamable_blocks
+    from lord_export.persist.checkpoint import FactorSpill
+    from lord_export.pipeline.engine import Engine, find_streamable_blocks
+    from lord_export.pipeline.survey import plan_budget, streamed_survey
 
     config = le.LordConfig(param_ratio=0.8, method=method, overrides={"re:.*\\.1\\.mlp\\.down_proj$": 0.7})
     dense = tiny_model("llama")
@@ -252,7 +252,7 @@ def test_one_pass_budget_equals_survey_then_compression(method, tmp_path):
         spill = FactorSpill(tmp_path / "spill") if one_pass else None
         budget = plan_budget(model, batches, config, [], surveyed=streamed_survey(engine, batches, blocks, spill=spill))
         engine.ranks = budget.ranks
-        result = engine.write_kept(blocks, spill) if one_pass else engine.run(batches, blocks)
+        result = engine.run(batches, blocks, spill=spill if one_pass else None)
         results[one_pass] = (budget.ranks, result, model)
         if one_pass:
             assert spill.bytes_written > 0 and not list(spill.directory.iterdir())  # every block taken back

@@ -7,14 +7,18 @@ import pytest
 import torch
 
 import lord_export as le
-from lord_export.modules import LordLinear
-from tests.conftest import ARCHS, CAUSAL, PlainMLP, correlated_batches, tiny_model
+from lord_export.core.modules import LordLinear
+from tests.helpers import ARCHS, CAUSAL, PlainMLP, correlated_batches, tiny_model
 
 # The groups of the first block, as found from the hooks (member leaf names).
 FIRST_BLOCK_GROUPS = {
     "llama": [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]],
     "mistral": [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]],
     "qwen2": [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]],
+    "qwen3": [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]],
+    "gemma2": [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]],
+    "gemma3": [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]],
+    "mistral_sliding": [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]],
     "gpt2": [["c_attn"], ["c_proj"], ["c_fc"], ["c_proj"]],
     "gpt_bigcode": [["c_attn"], ["c_proj"], ["c_fc"], ["c_proj"]],
     "codegen": [["qkv_proj"], ["out_proj"], ["fc_in"], ["fc_out"]],

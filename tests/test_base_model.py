@@ -12,11 +12,11 @@ import torch
 from torch import fx, nn
 
 import lord_export as le
+from lord_export.core.fingerprint import WEIGHT_TOLERANCE, weight_difference, weight_fingerprint
 from lord_export.errors import PlanError
 from lord_export.export import export_lord, rewrite_graph_module
 from lord_export.export.dynamo import make_backend
-from lord_export.fingerprint import WEIGHT_TOLERANCE, weight_difference, weight_fingerprint
-from tests.conftest import PlainMLP, correlated_batches, tiny_model
+from tests.helpers import PlainMLP, correlated_batches, tiny_model
 
 
 def rel(a, b):
@@ -72,7 +72,7 @@ def test_old_plans_without_weight_fingerprints_still_apply(caplog):
     old.base_model = {k: v for k, v in plan.base_model.items() if k != "weights"}
     round_trip = le.Plan.from_dict(old.to_dict())
     assert "weights" not in round_trip.base_model
-    with caplog.at_level("DEBUG", logger="lord_export.fingerprint"):
+    with caplog.at_level("DEBUG", logger="lord_export.core.fingerprint"):
         le.apply_plan(finetuned(dense), old)  # structure matches; contents cannot be checked
     assert "no weight fingerprints" in caplog.text
 

@@ -11,12 +11,12 @@ from cli_runner import run_cli
 from safetensors.torch import load_file, save_file
 
 import lord_export as le
-from lord_export.data import CalibrationOptions
-from lord_export.errors import UsageError
-from lord_export.fingerprint import check_same_base
-from lord_export.hf import load_dense
+from lord_export.calibration.data import CalibrationOptions
+from lord_export.errors import PlanError, UsageError
 from lord_export.measure.backends import BACKENDS, parse_backends
+from lord_export.measure.bench import check_same_base
 from lord_export.measure.flops import forward_flops
+from lord_export.persist.hf import load_dense
 
 
 def has_optimum() -> bool:
@@ -146,7 +146,7 @@ def test_lord_dir_of_another_model_is_refused(tiny_llama_dir, lord_dir, tmp_path
     key = next(k for k in state if "embed_tokens" in k)
     state[key] = state[key] + 1.0
     save_file(state, other / "model.safetensors")
-    with pytest.raises(UsageError, match="was not compressed from.*embed_tokens"):
+    with pytest.raises(PlanError, match="was not compressed from.*embed_tokens"):
         check_same_base(dense, other, tiny_llama_dir)
 
     # a different architecture: the plan's fingerprint disagrees
@@ -156,13 +156,13 @@ def test_lord_dir_of_another_model_is_refused(tiny_llama_dir, lord_dir, tmp_path
     shutil.copytree(lord_dir, wrong)
     (wrong / "lord_plan.json").write_text(json.dumps(plan))
     proc = run_cli("bench", str(tiny_llama_dir), str(wrong), "--backends", "eager", *SMALL)
-    assert proc.returncode == 2 and "was not compressed from" in proc.stderr and "num_parameters" in proc.stderr
+    assert proc.returncode == 3 and "was not compressed from" in proc.stderr and "num_parameters" in proc.stderr
 
     plan = json.loads((lord_dir / "lord_plan.json").read_text())
     name = next(iter(plan["base_model"]["linears"]))
     plan["base_model"]["linears"][name] = [7, 7]
     (wrong / "lord_plan.json").write_text(json.dumps(plan))
-    with pytest.raises(UsageError, match=f"base linear {name} is \\[7, 7\\]"):
+    with pytest.raises(PlanError, match=f"base linear {name} is \\[7, 7\\]"):
         check_same_base(dense, wrong, tiny_llama_dir)
 
     proc = run_cli("bench", str(tiny_llama_dir), str(tiny_llama_dir), "--backends", "eager", *SMALL)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lord_export import CalibrationError, calibrate
-from tests.conftest import PlainMLP, correlated_batches, tiny_model
+from tests.helpers import PlainMLP, correlated_batches, tiny_model
 
 
 def test_covariance_equals_x_xt_and_shared_input_accumulated_once():

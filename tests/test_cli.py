@@ -181,10 +181,17 @@ def test_existing_output_is_refused_unless_overwrite(tiny_llama_dir, code_corpus
     proc = run_cli(*common)
     assert proc.returncode == 2 and "already exists" in proc.stderr
     assert (out / "keep.txt").read_text() == "precious"
+    # --overwrite replaces only what lord_export wrote: this directory is the user's
     proc = run_cli(*common, "--overwrite")
+    assert proc.returncode == 2 and "lord_export did not write it" in proc.stderr and "--overwrite-any" in proc.stderr
+    assert (out / "keep.txt").read_text() == "precious"
+    proc = run_cli(*common, "--overwrite-any")
     assert proc.returncode == 0, proc.stderr
     assert not (out / "keep.txt").exists() and (out / "lord_plan.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary directory left behind
+    proc = run_cli(*common, "--overwrite")  # now it is a LoRD directory: --overwrite replaces it
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_few_calibration_tokens_warn_but_succeed(tiny_llama_dir, tmp_path):

@@ -14,7 +14,7 @@ from torch._inductor.utils import run_and_get_code
 
 import lord_export as le
 from lord_export.export.dynamo import make_backend
-from tests.conftest import correlated_batches, tiny_model
+from tests.helpers import correlated_batches, tiny_model
 
 STEPS = 6
 

@@ -11,7 +11,7 @@ import torch
 
 import lord_export as le
 from lord_export.export.dynamo import make_backend
-from tests.conftest import correlated_batches, tiny_model
+from tests.helpers import correlated_batches, tiny_model
 
 pytestmark = [
     pytest.mark.cuda,

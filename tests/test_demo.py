@@ -14,10 +14,8 @@ import torch
 from cli_runner import run_cli
 from safetensors import safe_open
 
-from lord_export.data import document_windows, read_documents, text_files
-from lord_export.hf import load_dense, load_tokenizer
-from lord_export.measure.evaluate import perplexity
-from lord_export.reference import (
+from lord_export.calibration.data import document_windows, read_documents, text_files
+from lord_export.measure.reference import (
     SPLITS,
     reference_model_dir,
     split_of,
@@ -26,6 +24,8 @@ from lord_export.reference import (
     stdlib_sources,
     stdlib_split,
 )
+from lord_export.persist.hf import load_dense, load_tokenizer
+from lord_export.pipeline.evaluate import perplexity
 
 
 def test_split_is_by_path_hash_disjoint_and_complete():

@@ -16,20 +16,24 @@ from cli_runner import CLI, run_cli
 from torch import nn
 
 import lord_export as le
-from lord_export import factorize as fz
-from lord_export.blocks import find_blocks
-from lord_export.calibrate import InputStats, calibrate, exact_matmuls
-from lord_export.checkpoint import INDEX_FILE, CheckpointReader, ShardWriter
-from lord_export.data import CalibrationOptions
+from lord_export.calibration.blocks import find_blocks
+from lord_export.calibration.data import CalibrationOptions
+from lord_export.calibration.statistics import InputStats, calibrate, exact_matmuls
+from lord_export.core import factorize as fz
+from lord_export.core.targets import select_targets
 from lord_export.errors import UsageError
-from lord_export.planner import make_plan
-from lord_export.targets import select_targets
-from tests.conftest import ARCHS, STORIES_MODEL, STORIES_TEXT, correlated_batches, needs_shared_data, tiny_model
+from lord_export.persist.checkpoint import INDEX_FILE, CheckpointReader, ShardWriter
+from lord_export.pipeline.planner import make_plan
+from tests.helpers import ARCHS, STORIES_MODEL, STORIES_TEXT, correlated_batches, needs_shared_data, tiny_model
 
 BLOCK_PATHS = {
     "llama": "model.layers",
     "mistral": "model.layers",
     "qwen2": "model.layers",
+    "qwen3": "model.layers",
+    "gemma2": "model.layers",
+    "gemma3": "model.layers",
+    "mistral_sliding": "model.layers",
     "phi3": "model.layers",
     "gpt2": "transformer.h",
     "gpt_bigcode": "transformer.h",
@@ -144,8 +148,8 @@ def test_best_output_error_and_compensating_reach_the_exact_optimum(rank):
 def test_sequential_and_compensating_lower_end_to_end_error_on_stories260k():
     """At rank reduction 0.5, calibrating on the compressed model brings the output distribution
     (KL of next-token probabilities against the dense model, held-out stories) closer to dense."""
-    from lord_export.data import batches, tokenize_blocks
-    from lord_export.hf import load_dense, load_tokenizer
+    from lord_export.calibration.data import batches, tokenize_blocks
+    from lord_export.persist.hf import load_dense, load_tokenizer
 
     docs = [d.strip() for d in STORIES_TEXT.read_text(encoding="utf-8").split("<|endoftext|>") if d.strip()]
     tok = load_tokenizer(STORIES_MODEL)
@@ -258,7 +262,7 @@ def test_shard_writer_dtypes_alignment_and_header(tmp_path, reserve):
 
 def test_block_reads_leave_no_shard_mapped(tmp_path):
     """After a block is loaded its shards are closed: their mapped pages would stay in RSS."""
-    from lord_export.engine import CheckpointWeights
+    from lord_export.pipeline.streaming import CheckpointWeights
 
     tensors = {f"layers.{i}.weight": torch.randn(32, 16) for i in range(3)}
     writer = ShardWriter(tmp_path, max_shard_bytes=3000)  # one tensor per shard
@@ -266,7 +270,7 @@ def test_block_reads_leave_no_shard_mapped(tmp_path):
         writer.add({name: t})
     writer.close()
     reader = CheckpointReader(tmp_path)
-    source = CheckpointWeights(reader, dtype=None)
+    source = CheckpointWeights(reader, None)
     for i in range(3):
         with torch.device("meta"):
             layer = nn.Linear(16, 32, bias=False)
@@ -279,7 +283,7 @@ def test_block_reads_leave_no_shard_mapped(tmp_path):
 
 
 def test_load_all_casts_floating_tensors_only(tmp_path):
-    from lord_export.checkpoint import CheckpointReader, ShardWriter
+    from lord_export.persist.checkpoint import CheckpointReader, ShardWriter
 
     writer = ShardWriter(tmp_path)
     writer.add({"w": torch.randn(8, 4), "ids": torch.arange(5)})
@@ -296,7 +300,7 @@ def test_loaded_models_and_plans_do_not_view_the_weights_file(tmp_path):
     file pages: compiled decode slightly slower)."""
     import gc
 
-    from lord_export.io import read_plan
+    from lord_export.persist.io import read_plan
 
     model = tiny_model("llama")
     plan = le.compress(model, correlated_batches(1), rank_reduction=0.5)
@@ -316,7 +320,7 @@ def test_loaded_weights_do_not_pin_the_shard_mapping(tmp_path):
     resident; loaded weights are copies, so once a block is read the file's pages leave the RSS."""
     from safetensors.torch import save_file
 
-    from lord_export.engine import CheckpointWeights
+    from lord_export.pipeline.streaming import CheckpointWeights
 
     def rss_file_mib() -> float:
         line = next(x for x in open("/proc/self/status") if x.startswith("RssFile:"))
@@ -329,7 +333,7 @@ def test_loaded_weights_do_not_pin_the_shard_mapping(tmp_path):
         block = nn.ModuleDict({"big": nn.Linear(4096, 4096, bias=False), "small": nn.Linear(4, 4, bias=False)})
     before = rss_file_mib()
     names = {n: n for n in block.state_dict()}
-    assert not CheckpointWeights(CheckpointReader(tmp_path), dtype=None).load_into(block, names, "cpu")
+    assert not CheckpointWeights(CheckpointReader(tmp_path), None).load_into(block, names, "cpu")
     assert float(block["big"].weight.sum()) != 0.0  # every page of the 64 MiB tensor read
     block["big"].to("meta")  # the block's big part is released; the small tensor stays (as in a writer's buffer)
     assert rss_file_mib() - before < 16
@@ -337,7 +341,7 @@ def test_loaded_weights_do_not_pin_the_shard_mapping(tmp_path):
 
 @pytest.fixture(scope="module")
 def bf16_sharded_dir(tmp_path_factory):
-    from tests.conftest import make_tokenizer
+    from tests.helpers import make_tokenizer
 
     d = tmp_path_factory.mktemp("bf16-sharded")
     model = tiny_model("llama", dtype=torch.bfloat16)
@@ -372,8 +376,8 @@ def test_bf16_model_compresses_block_by_block_reloads_from_shards_and_generates(
     text = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert text.shape == (1, 9)
     # the same data through the in-memory API gives the same factors as reading block by block from shards
-    from lord_export.data import calibration_set
-    from lord_export.hf import load_dense, load_tokenizer
+    from lord_export.calibration.data import calibration_set
+    from lord_export.persist.hf import load_dense, load_tokenizer
 
     calib = calibration_set(load_tokenizer(bf16_sharded_dir), [code_corpus], CalibrationOptions(samples=4, seqlen=32))
     in_memory = le.compress(load_dense(bf16_sharded_dir), calib.batches(), config)
@@ -438,7 +442,7 @@ def test_cli_refuses_an_unusable_device_before_any_work(tiny_llama_dir, code_cor
 def test_disk_space_is_checked_before_work(tmp_path):
     import shutil
 
-    from lord_export.compress import _check_disk_space
+    from lord_export.pipeline.model_dir import _check_disk_space
 
     free = shutil.disk_usage(tmp_path).free
     _check_disk_space(tmp_path / "out", free // 2)

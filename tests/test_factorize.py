@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lord_export import factorize as fz
+from lord_export.core import factorize as fz
 
 
 def correlated_inputs(d_in: int, n: int, seed: int) -> torch.Tensor:

@@ -7,8 +7,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import lord_export as le
-from lord_export.modules import LordBottleneck
-from tests.conftest import PlainMLP, correlated_batches, tiny_model
+from lord_export.core.modules import LordBottleneck
+from tests.helpers import PlainMLP, correlated_batches, tiny_model
 
 
 @pytest.mark.parametrize("arch", ["llama", "phi3", "gpt2"])

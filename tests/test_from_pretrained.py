@@ -1,4 +1,4 @@
-"""transformers' from_pretrained / AutoModel / pipeline load LoRD directories (lord_export.hf_quantizer).
+"""transformers' from_pretrained / AutoModel / pipeline load LoRD directories (lord_export.integrations.transformers).
 
 Real parts only: tiny models built from configs, compressed with lord_export, loaded both ways.
 """
@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, correlated_batches, tiny_model
 
 import lord_export
-from lord_export.hf_quantizer import QUANT_METHOD, plan_from_model_dir
-from lord_export.modules import LordBottleneck, LordLinear
+from lord_export.core.modules import LordBottleneck, LordLinear
+from lord_export.core.plan import QUANT_METHOD
+from lord_export.persist.io import plan_from_model_dir
+from tests.helpers import ROOT, correlated_batches, tiny_model
 
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModel, AutoModelForCausalLM, pipeline  # noqa: E402
@@ -148,7 +149,7 @@ def test_gpt2_conv1d(tmp_path):
 def test_register_is_idempotent_and_config_pickles(llama_lord):
     from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
-    from lord_export import hf_quantizer
+    from lord_export.integrations import transformers as hf_quantizer
 
     hf_quantizer.register()
     hf_quantizer.register()

@@ -18,11 +18,11 @@ from torch import fx, nn
 from torch.export import Dim
 
 import lord_export as le
+from lord_export.core.modules import LordLinear
 from lord_export.export.dynamo import make_backend
 from lord_export.export.graph import export_lord, rewrite_exported_program, rewrite_graph_module
-from lord_export.modules import LordLinear
 from lord_export.passes import share_bottlenecks
-from tests.conftest import PlainMLP, correlated_batches, tiny_model
+from tests.helpers import PlainMLP, correlated_batches, tiny_model
 
 aten = torch.ops.aten
 SHAPES = [(2, 16), (3, 37)]

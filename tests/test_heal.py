@@ -11,8 +11,8 @@ import torch
 from cli_runner import run_cli
 
 import lord_export
-from lord_export.heal import heal
-from tests.conftest import correlated_batches, tiny_model
+from lord_export.pipeline.heal import heal
+from tests.helpers import correlated_batches, tiny_model
 
 
 def _structure(model: torch.nn.Module) -> dict[str, tuple]:
@@ -60,7 +60,7 @@ def test_heal_distillation_pulls_the_student_towards_the_teacher(dense_and_lord)
 
 def test_hidden_state_distillation_closes_every_blocks_gap(dense_and_lord):
     """The per-block term is 0 for identical models, positive otherwise, and training lowers it."""
-    from lord_export.heal import _hidden_mse
+    from lord_export.pipeline.heal import _hidden_mse
 
     dense, lord = dense_and_lord
     ids = correlated_batches(n_batches=1, batch=2, seq=16, seed=5)[0]["input_ids"]
@@ -90,7 +90,7 @@ def test_hidden_state_distillation_closes_every_blocks_gap(dense_and_lord):
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():
-    from lord_export.heal import lr_factor
+    from lord_export.pipeline.heal import lr_factor
 
     warm = [lr_factor(i, 100, 10, "cosine") for i in range(10)]
     assert warm == sorted(warm) and warm[0] < 0.1 and warm[-1] < 1.0
@@ -124,7 +124,7 @@ def healed_dir(tiny_lord_dir, tiny_llama_dir, code_corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("healed") / "healed"
     train = code_corpus / "json_encoder.py"
     held_out = code_corpus / "textwrap.py"
-    proc = run_cli("heal", str(tiny_lord_dir), str(out), "--data", str(train), *DATA_OPTS, "--steps", "6",
+    proc = run_cli("heal", str(tiny_lord_dir), str(out), "--calib", str(train), *DATA_OPTS, "--steps", "6",
                    "--lr", "1e-2", "--lora-r", "4", "--eval", str(held_out), "--eval-window", "64",
                    "--distill", str(tiny_llama_dir), "--device", "cpu")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -162,7 +162,7 @@ def test_cli_heal_writes_a_healed_lord_directory(healed_dir, tiny_lord_dir):
 
 def test_cli_heal_factors_mode(tiny_lord_dir, code_corpus, tmp_path):
     out = tmp_path / "healed"
-    proc = run_cli("heal", str(tiny_lord_dir), str(out), "--data", str(code_corpus), *DATA_OPTS, "--steps", "3",
+    proc = run_cli("heal", str(tiny_lord_dir), str(out), "--calib", str(code_corpus), *DATA_OPTS, "--steps", "3",
                    "--mode", "factors", "-q")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     r = json.loads((out / "heal_report.json").read_text())
@@ -198,37 +198,37 @@ def _bad(*args: str, out) -> subprocess.CompletedProcess:
 
 def test_cli_heal_refuses_a_dense_directory(tiny_llama_dir, code_corpus, tmp_path):
     out = tmp_path / "o"
-    proc = _bad(str(tiny_llama_dir), str(out), "--data", str(code_corpus), out=out)
+    proc = _bad(str(tiny_llama_dir), str(out), "--calib", str(code_corpus), out=out)
     assert "dense model directory, not a LoRD one" in proc.stderr and "lord-export compress" in proc.stderr
     assert not out.exists()
 
 
 def test_cli_heal_refuses_missing_or_empty_data(tiny_lord_dir, tmp_path):
     out = tmp_path / "o"
-    proc = _bad(str(tiny_lord_dir), str(out), "--data", str(tmp_path / "nope.py"), out=out)
-    assert "--data" in proc.stderr and "does not exist" in proc.stderr
+    proc = _bad(str(tiny_lord_dir), str(out), "--calib", str(tmp_path / "nope.py"), out=out)
+    assert "training data" in proc.stderr and "does not exist" in proc.stderr
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "a.py").write_text("")
-    proc = _bad(str(tiny_lord_dir), str(out), "--data", str(tmp_path / "empty"), out=out)
+    proc = _bad(str(tiny_lord_dir), str(out), "--calib", str(tmp_path / "empty"), out=out)
     assert "no non-empty text files" in proc.stderr
-    proc = _bad(str(tiny_lord_dir), str(out), "--data", str(tmp_path / "empty" / "a.py"), out=out)
+    proc = _bad(str(tiny_lord_dir), str(out), "--calib", str(tmp_path / "empty" / "a.py"), out=out)
     assert "is empty" in proc.stderr
-    proc = _bad(str(tiny_lord_dir), str(out), out=out)  # no --data at all
-    assert "--data" in proc.stderr
+    proc = _bad(str(tiny_lord_dir), str(out), out=out)  # no training data at all
+    assert "--calib" in proc.stderr
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["empty"]
 
 
 @pytest.mark.parametrize("steps", ["0", "-3"])
 def test_cli_heal_refuses_non_positive_steps(tiny_lord_dir, code_corpus, tmp_path, steps):
     out = tmp_path / "o"
-    proc = _bad(str(tiny_lord_dir), str(out), "--data", str(code_corpus), "--steps", steps, out=out)
+    proc = _bad(str(tiny_lord_dir), str(out), "--calib", str(code_corpus), "--steps", steps, out=out)
     assert "--steps" in proc.stderr and "positive integer" in proc.stderr
     assert not out.exists()
 
 
 def test_cli_heal_refuses_warmup_not_below_steps(tiny_lord_dir, code_corpus, tmp_path):
     out = tmp_path / "o"
-    args = ("--data", str(code_corpus), "--steps", "5", "--warmup-steps", "5")
+    args = ("--calib", str(code_corpus), "--steps", "5", "--warmup-steps", "5")
     proc = _bad(str(tiny_lord_dir), str(out), *args, out=out)
     assert "--warmup-steps" in proc.stderr
     assert not out.exists()
@@ -238,10 +238,10 @@ def test_cli_heal_refuses_an_existing_output_without_overwrite(tiny_lord_dir, co
     out = tmp_path / "o"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    proc = _bad(str(tiny_lord_dir), str(out), "--data", str(code_corpus), *DATA_OPTS, "--steps", "1", out=out)
+    proc = _bad(str(tiny_lord_dir), str(out), "--calib", str(code_corpus), *DATA_OPTS, "--steps", "1", out=out)
     assert "--overwrite" in proc.stderr
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and sorted(p.name for p in tmp_path.iterdir()) == ["o"]
-    proc = run_cli("heal", str(tiny_lord_dir), str(out), "--data", str(code_corpus), *DATA_OPTS, "--steps", "1",
-                   "--mode", "factors", "--overwrite", "-q")  # fmt: skip
+    proc = run_cli("heal", str(tiny_lord_dir), str(out), "--calib", str(code_corpus), *DATA_OPTS, "--steps", "1",
+                   "--mode", "factors", "--overwrite-any", "-q")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert (out / "heal_report.json").is_file() and not (out / "keep.txt").exists()

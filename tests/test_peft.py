@@ -14,12 +14,12 @@ import torch.nn.functional as F
 import lord_export
 from lord_export import LordBottleneck, LordLinear
 from lord_export.passes import share_bottlenecks
-from tests.conftest import ROOT, correlated_batches, tiny_model
+from tests.helpers import ROOT, correlated_batches, tiny_model
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 
-from lord_export.peft_support import LordLoraLinear  # noqa: E402
+from lord_export.integrations.peft import LordLoraLinear  # noqa: E402
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -190,7 +190,7 @@ def test_import_is_lazy_and_hook_applies_in_either_import_order():
         import sys, lord_export
         assert 'peft' not in sys.modules
         import peft
-        from lord_export.peft_hook import is_patched
+        from lord_export.integrations.peft_hook import is_patched
         print(is_patched())
         """
     )
@@ -198,7 +198,7 @@ def test_import_is_lazy_and_hook_applies_in_either_import_order():
     out = _run(
         """
         import peft, lord_export
-        from lord_export.peft_hook import is_patched
+        from lord_export.integrations.peft_hook import is_patched
         print(is_patched())
         """
     )
@@ -211,9 +211,9 @@ def test_without_the_hook_a_config_needs_register_lora():
         """
         import sys; sys.path.insert(0, "tests")
         import lord_export
-        from conftest import tiny_model, correlated_batches
+        from helpers import tiny_model, correlated_batches
         from peft import LoraConfig, get_peft_model
-        from lord_export.peft_support import register_lora
+        from lord_export.integrations.peft import register_lora
         m = tiny_model("llama"); lord_export.compress(m, correlated_batches(), rank_reduction=0.5)
         try:
             get_peft_model(m, LoraConfig(target_modules=["q_proj"]))

@@ -11,10 +11,10 @@ from __future__ import annotations
 import pytest
 
 import lord_export as le
-from lord_export.data import batches, document_windows, tokenize_blocks
-from lord_export.hf import load_dense, load_tokenizer
-from lord_export.measure.evaluate import perplexity
-from tests.conftest import STORIES_MODEL, STORIES_TEXT, needs_shared_data
+from lord_export.calibration.data import batches, document_windows, tokenize_blocks
+from lord_export.persist.hf import load_dense, load_tokenizer
+from lord_export.pipeline.evaluate import perplexity
+from tests.helpers import STORIES_MODEL, STORIES_TEXT, needs_shared_data
 
 pytestmark = [needs_shared_data, pytest.mark.slow]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lord_export import TargetError, select_targets
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 
 
 def leaves(names):

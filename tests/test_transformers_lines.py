@@ -10,11 +10,11 @@ import torch
 import transformers
 
 import lord_export as le
+from lord_export.calibration.data import CalibrationOptions
 from lord_export.config import LordConfig
-from lord_export.data import CalibrationOptions
 from lord_export.export.dynamo import make_backend
-from lord_export.hf import load_dense, load_tokenizer
-from tests.conftest import STORIES_MODEL, STORIES_TEXT, needs_shared_data
+from lord_export.persist.hf import load_dense, load_tokenizer
+from tests.helpers import STORIES_MODEL, STORIES_TEXT, needs_shared_data
 
 pytestmark = needs_shared_data
 

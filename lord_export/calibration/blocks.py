@@ -9,18 +9,23 @@ without model-specific code:
   ``transformer.h`` for GPT-2/GPTBigCode/CodeGen, ``encoder.layer`` for BERT, …), else the longest
   ``nn.ModuleList`` whose children are all of one class;
 * :func:`capture_block_inputs` — "catch the first block's call": a forward pre-hook on block 0
-  records its arguments and stops the forward, so only the embedding stage runs.
+  records its arguments and stops the forward, so only the embedding stage runs;
+* :func:`capture_block_calls` — every block's call: the model's forward runs with each block
+  replaced by a :class:`StandIn` that records what the block is called with and passes its input
+  on. Models that give their layers different arguments (a sliding-window mask for some layers and
+  a full causal mask for others, Gemma 2/3's local and global rotary tables, ``config.layer_types``)
+  get each block's own; blocks called alike share one record.
 
-The arguments other than the hidden states are the same for every block of these models (one
-attention-mask kind for all layers); models that mix layer kinds with different masks (e.g.
-sliding-window and full attention in ``config.layer_types``) are reported by
-:func:`mixed_layer_types`, and the engine falls back to whole-model calibration for them.
+Stand-ins read every attribute the model's code asks of its layers (``attention_type``,
+``is_sliding``, ``layer_idx``, …) from the real block, so the model's forward takes the same
+branches as with its real layers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,12 +82,6 @@ def find_blocks(model: nn.Module) -> Blocks | None:
     return Blocks(best[1], best[2]) if best else None
 
 
-def mixed_layer_types(model: nn.Module) -> bool:
-    """True when the config declares blocks of different attention kinds (each gets its own mask)."""
-    types = getattr(getattr(model, "config", None), "layer_types", None)
-    return bool(types) and len(set(types)) > 1
-
-
 @dataclass
 class BlockCall:
     """One calibration batch at the entrance of a block: ``block(hidden, *args, **kwargs)``.
@@ -97,7 +96,50 @@ class BlockCall:
 
 
 class _Caught(Exception):
-    """Raised by the pre-hook of block 0 to stop the model's forward once its inputs are recorded."""
+    """Raised to stop the model's forward once the inputs it was run for are recorded."""
+
+
+class StandIn(nn.Module):
+    """Takes a block's place in the model's forward: returns ``respond(hidden, index, args, kwargs)``
+    shaped like the block's own output (``template``: None for a tensor, else a tuple's length).
+
+    Attribute reads the model's code makes on its layers fall through to the real block, which is
+    held outside ``_modules`` (it is not part of the stand-in's parameters or state).
+    """
+
+    def __init__(self, block: nn.Module, index: int, template: int | None, respond: Any) -> None:
+        super().__init__()
+        self.__dict__["_block"] = block
+        self.index, self.template, self.respond = index, template, respond
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_block"], name)
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        out = self.respond(hidden_states, self.index, args, kwargs)
+        return out if self.template is None else (out,) + (None,) * (self.template - 1)
+
+
+@contextlib.contextmanager
+def standing_in(blocks: Blocks, template: int | None, respond: Any) -> Iterator[None]:
+    """Every block replaced by a :class:`StandIn` calling ``respond`` while the context lasts."""
+    saved = list(blocks.modules)
+    for i, block in enumerate(saved):
+        blocks.modules[i] = StandIn(block, i, template, respond)
+    try:
+        yield
+    finally:
+        for i, block in enumerate(saved):
+            blocks.modules[i] = block
+
+
+def output_structure(block: nn.Module, hidden: torch.Tensor, call: BlockCall) -> int | None:
+    """What a block returns: None for a tensor, else the length of its tuple."""
+    out = block(hidden, *call.args, **call.kwargs)
+    return len(out) if isinstance(out, (tuple, list)) else None
 
 
 def accepts_argument(fn: Any, name: str) -> bool:
@@ -152,6 +194,107 @@ def capture_block_inputs(
     finally:
         handle.remove()
     return hiddens, calls
+
+
+class BlockCalls:
+    """What each block is called with, per calibration batch: ``calls[i][b]`` is block i's call on
+    batch b. Blocks called alike share one list (most models: all of them)."""
+
+    def __init__(self, per_block: list[list[BlockCall]]):
+        self.per_block = per_block
+
+    def __getitem__(self, block: int) -> list[BlockCall]:
+        return self.per_block[block]
+
+    def __len__(self) -> int:
+        return len(self.per_block)
+
+    @property
+    def kinds(self) -> int:
+        """How many distinct calls the blocks get (2 for sliding-window/full attention models)."""
+        return len({id(calls) for calls in self.per_block})
+
+    def map(self, fn: Any) -> BlockCalls:
+        """Every call through ``fn``, keeping shared lists shared."""
+        done: dict[int, list[BlockCall]] = {}
+        out = []
+        for calls in self.per_block:
+            if id(calls) not in done:
+                done[id(calls)] = [fn(c) for c in calls]
+            out.append(done[id(calls)])
+        return BlockCalls(out)
+
+
+@torch.no_grad()
+def capture_block_calls(
+    model: nn.Module,
+    blocks: Blocks,
+    batches: Iterable[dict[str, torch.Tensor]],
+    device: torch.device | str,
+    template: int | None,
+) -> tuple[list[torch.Tensor], BlockCalls]:
+    """Block 0's hidden states and every block's call, per batch (see the module docstring).
+
+    The model's forward runs with stand-ins (``template``: the blocks' output structure, from
+    :func:`output_structure`) and stops at the last block; only the embedding stage computes.
+    """
+    hiddens: list[torch.Tensor] = []
+    per_block: list[list[BlockCall]] = [[] for _ in range(len(blocks))]
+    mask_box: dict[str, torch.Tensor | None] = {}
+    last = len(blocks) - 1
+
+    def respond(hidden: torch.Tensor, index: int, args: tuple, kwargs: dict) -> torch.Tensor:
+        if index == 0:
+            hiddens.append(hidden.detach())
+        per_block[index].append(BlockCall(tuple(args), dict(kwargs), mask_box.get("mask")))
+        if index == last:
+            raise _Caught
+        return hidden
+
+    use_cache = accepts_argument(model.forward, "use_cache")
+    with standing_in(blocks, template, respond):
+        for batch in batches:
+            if isinstance(batch, torch.Tensor):
+                batch = {"input_ids": batch}
+            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            mask = batch.get("attention_mask")
+            mask_box["mask"] = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+            n = len(per_block[last])
+            try:
+                model(**batch, **({"use_cache": False} if use_cache else {}))
+            except _Caught:
+                pass
+            if len(per_block[last]) != n + 1:
+                raise RuntimeError("the model's forward did not call each of its blocks once")
+    return hiddens, BlockCalls(_share_alike(per_block))
+
+
+def _share_alike(per_block: list[list[BlockCall]]) -> list[list[BlockCall]]:
+    """Blocks whose calls hold the very same objects as an earlier block's share that block's list."""
+    kinds: list[list[BlockCall]] = []
+    out = []
+    for calls in per_block:
+        same = next((k for k in kinds if all(_alike(a, b) for a, b in zip(k, calls, strict=True))), None)
+        if same is None:
+            kinds.append(calls)
+            same = calls
+        out.append(same)
+    return out
+
+
+def _alike(a: Any, b: Any) -> bool:
+    if isinstance(a, BlockCall):
+        return _alike(a.args, b.args) and _alike(a.kwargs, b.kwargs)
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return a is b
+    if isinstance(a, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_alike(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_alike(a[k], b[k]) for k in a)
+    try:
+        return bool(a == b)
+    except Exception:  # objects without a usable equality (caches): the same object or not alike
+        return a is b
 
 
 def block_output(out: Any) -> torch.Tensor:

@@ -15,12 +15,13 @@ an encoder never sees in use. Padding is masked out (``attention_mask`` 0) and n
 statistics.
 
 Evaluation (:func:`evaluation_windows`): each document is tokenized on its own (BOS first) and cut
-into non-overlapping windows (see :mod:`lord_export.measure.evaluate`).
+into non-overlapping windows (see :mod:`lord_export.pipeline.evaluate`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ from typing import Any
 
 import torch
 
-from .errors import UsageError
+from ..errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -271,6 +272,16 @@ def document_windows(tokenizer: Any, documents: Iterable[str], window: int) -> l
     return out
 
 
+def subsample_windows(windows: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """Evenly spaced windows holding about ``max_tokens`` tokens, spread over all documents (the same
+    ones on every run: a token budget for evaluation that still sees every part of the data)."""
+    total = sum(len(w) for w in windows)
+    if total <= max_tokens:
+        return windows
+    keep = max(1, math.floor(len(windows) * max_tokens / total))
+    return [windows[int(i * len(windows) / keep)] for i in range(keep)]
+
+
 def evaluation_windows(
     tokenizer: Any,
     paths: Sequence[str | Path],
@@ -278,9 +289,11 @@ def evaluation_windows(
     *,
     separator: str | None = None,
     max_positions: int | None = None,
+    max_tokens: int | None = None,
 ) -> list[list[int]]:
-    """The evaluation windows of ``paths``; UsageError when the window exceeds the model's positions
-    or the data holds fewer tokens than one window."""
+    """The evaluation windows of ``paths`` (at most about ``max_tokens`` tokens of them, evenly spaced:
+    :func:`subsample_windows`); UsageError when the window exceeds the model's positions or the data
+    holds fewer tokens than one window."""
     if window < 2:
         raise UsageError(f"the evaluation window must be at least 2 tokens, got {window}")
     if max_positions is not None and window > max_positions:
@@ -292,4 +305,8 @@ def evaluation_windows(
             f"the evaluation data tokenizes to {total} tokens, fewer than one window of {window}; "
             "pass more data or a smaller window"
         )
+    if max_tokens is not None:
+        if max_tokens < window:
+            raise UsageError(f"an evaluation budget of {max_tokens} tokens is less than one window of {window}")
+        windows = subsample_windows(windows, max_tokens)
     return windows

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import CalibrationError
+from ..errors import CalibrationError
 
 log = logging.getLogger(__name__)
 
@@ -296,7 +296,7 @@ def calibrate(
     batch). Batch products are formed in ``accumulate_dtype`` (float32 by default; float64 inputs
     stay float64) and summed in float64.
     """
-    from .hf import model_device
+    from ..device import model_device
 
     device = model_device(model)
     with torch.no_grad(), calibrating(model, layers, accumulate_dtype) as cal:

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..errors import UsageError
-from .args import positive_int
+from .args import HelpFormatter, add_loading_args, non_negative_int, positive_int
 
 PROG = "lord-export"
 
@@ -20,7 +20,7 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
         "inputs after warm-up; median and spread of --repeats runs, the ideal speed-up from the FLOP ratio, and "
         "measured/ideal. Backends: eager, compile (inductor vs backend='lord'), ort-cpu, ort-cuda, tensorrt; "
         "those this machine cannot run are listed as skipped with the reason.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         parents=parents,
     )
     b.add_argument("dense_dir", metavar="DENSE_DIR", help="the dense model directory")
@@ -29,17 +29,23 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
     b.add_argument("--tokens", type=positive_int, nargs="+", default=[128, 512], help="prefill token counts")
     b.add_argument("--decode-tokens", type=int, default=32, help="tokens decoded one by one (0: no decode)")
     b.add_argument("--decode-context", type=positive_int, default=128, help="prompt tokens before decoding")
-    b.add_argument("--repeats", type=positive_int, default=5)
-    b.add_argument("--warmup", type=int, default=2)
+    b.add_argument(
+        "--repeats", type=positive_int, default=5, help="timed runs per model and setting (the median is reported)"
+    )
+    b.add_argument(
+        "--warmup", type=non_negative_int, default=2, help="untimed runs per model and setting before the timed ones"
+    )
     b.add_argument("--device", default=None, help="torch device for eager/compile/tensorrt (default: cuda if present)")
     b.add_argument(
         "--dtype",
         choices=["float32", "float16", "bfloat16"],
         default="float32",
-        help="torch dtype for eager/compile/tensorrt (ONNX runs float32)",
+        help="the dtype both models are compared in on eager/compile/tensorrt, as asked (no automatic choice: "
+        "on a CPU without bfloat16 units bfloat16 is slow for both); ONNX runs float32",
     )
     b.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch and ONNX Runtime")
     b.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
+    add_loading_args(b)
     b.set_defaults(func=run)
 
 
@@ -49,9 +55,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..device import resolve_device
-    from ..io import write_json
     from ..measure.backends import parse_backends
     from ..measure.bench import format_table, run_bench
+    from ..persist.io import write_json
 
     backends = parse_backends(args.backends)  # before any loading: a typo fails at once
     device = resolve_device(args.device)
@@ -71,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         dtype=getattr(torch, args.dtype),
         threads=args.threads,
         progress=say,
+        trust_remote_code=args.trust_remote_code,
     )
     print(format_table(result))
     if args.json:

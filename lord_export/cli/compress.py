@@ -5,7 +5,19 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .args import add_calibration_args, add_config_args, add_device_args, calibration_options, config_from_args
+from .args import (
+    HelpFormatter,
+    add_calibration_args,
+    add_config_args,
+    add_device_args,
+    add_dtype_args,
+    add_loading_args,
+    add_output_args,
+    calibration_options,
+    config_from_args,
+    dtype_arg,
+    overwrite_mode,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
@@ -15,19 +27,18 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
         description="Calibrate MODEL_DIR on text/code, factorize the targeted linear layers in closed form, "
         "and write OUTPUT_DIR (config, model.safetensors, lord_plan.json, report.json). "
         "Load the result with lord_export.load(OUTPUT_DIR).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         parents=parents,
     )
     c.add_argument("model_dir", metavar="MODEL_DIR", help="a local Hugging Face model directory (safetensors)")
-    c.add_argument("output_dir", metavar="OUTPUT_DIR", help="where to write the compressed model (must not exist)")
+    c.add_argument(
+        "output_dir",
+        metavar="OUTPUT_DIR",
+        help="where to write the compressed model (refused if it exists, unless --overwrite)",
+    )
     add_config_args(c)
     add_calibration_args(c)
-    c.add_argument(
-        "--dtype",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        default="auto",
-        help="dtype to load the model in (factors are stored in it)",
-    )
+    add_dtype_args(c, what="one dtype to load, compute and store everything in")
     add_device_args(c, stats=True)
     c.add_argument(
         "--max-shard-size",
@@ -35,23 +46,18 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
         metavar="SIZE",
         help="largest safetensors shard written (e.g. 500MB, 5GB); bigger outputs are sharded with an index",
     )
-    c.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists")
-    c.add_argument(
-        "--trust-remote-code", action="store_true", help="allow model code from the model directory (off by default)"
-    )
+    add_output_args(c)
+    add_loading_args(c)
     c.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from ..checkpoint import parse_size
-    from ..compress import compress_model_dir
     from ..device import resolve_device
+    from ..persist.checkpoint import parse_size
+    from ..pipeline.model_dir import compress_model_dir
 
     device = resolve_device(args.device)  # a device that does not exist is a usage error before any work
     stats_device = resolve_device(args.stats_device) if args.stats_device else None
-    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     say = None if args.quiet else (lambda msg: print(f"compress: {msg}", file=sys.stderr, flush=True))
     report = compress_model_dir(
         args.model_dir,
@@ -59,8 +65,9 @@ def run(args: argparse.Namespace) -> int:
         args.calib,
         config_from_args(args),
         data=calibration_options(args),
-        overwrite=args.overwrite,
-        dtype=dtype,
+        overwrite=overwrite_mode(args),
+        dtype=dtype_arg(args.dtype),
+        compute_dtype=dtype_arg(args.compute_dtype) or "auto",
         device=device,
         stats_device=stats_device,
         max_shard_bytes=parse_size(args.max_shard_size),

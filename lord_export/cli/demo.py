@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .args import positive_int
+from .args import HelpFormatter, add_alias, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
@@ -17,7 +17,7 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
         "held-out perplexity, export dense and LoRD to ONNX (validated in ONNX Runtime) and measure ONNX Runtime "
         "latency side by side. Prints a table; writes demo.json, demo.png and the ONNX files into --out. "
         "Point it at your own model with MODEL_DIR --calib ... --eval ....",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         parents=parents,
     )
     d.add_argument("model_dir", nargs="?", metavar="MODEL_DIR", help="your model directory (default: reference model)")
@@ -32,7 +32,10 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
     d.add_argument("--latency-tokens", type=positive_int, default=512, help="prompt length for ORT latency")
     d.add_argument("--repeats", type=positive_int, default=10, help="timed runs per model")
     d.add_argument("--out", default="lord-demo", metavar="DIR", help="output folder (an earlier demo's is replaced)")
-    d.add_argument("--overwrite", action="store_true", help="replace --out even if it is not a demo output")
+    d.add_argument(
+        "--overwrite-any", action="store_true", help="replace --out even if it is not an earlier demo's output"
+    )
+    add_alias(d, "--overwrite", "--overwrite-any", "overwrite_any", nargs=0, store_const=True)
     d.set_defaults(func=run)
 
 
@@ -52,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         seqlen=args.seqlen,
         latency_tokens=args.latency_tokens,
         repeats=args.repeats,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite_any,
         progress=say,
     )
     print(format_demo(result))

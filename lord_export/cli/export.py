@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .args import positive_int
+from .args import HelpFormatter, add_loading_args, add_output_args, overwrite_mode, positive_int
 
 PROG = "lord-export"
 
@@ -19,7 +19,7 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
         "dynamic batch/sequence axes, onnx.checker full check, and a validation run in ONNX Runtime "
         "(CUDA when available, else CPU) that fails the export above the tolerance. "
         "TensorRT: the same ONNX, checked for TensorRT-supported operators, built into engine.plan.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         parents=parents,
     )
     e.add_argument("model_dir", metavar="MODEL_DIR")
@@ -62,7 +62,8 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
         "loads with optimum.onnxruntime.ORTModelForCausalLM; needs lord_export[optimum]; float32 only)",
     )
     e.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime validation run")
-    e.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists")
+    add_output_args(e)
+    add_loading_args(e)
     e.set_defaults(func=run)
 
 
@@ -83,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
             opset=args.opset,
             dtype=args.dtype,
             validate=not args.no_validate,
-            overwrite=args.overwrite,
+            overwrite=overwrite_mode(args),
+            trust_remote_code=args.trust_remote_code,
             with_past=args.with_past,
         )
     except ValidationError as err:

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import argparse
 
-from ..allocate import ALLOCATIONS, DEFAULT_ALLOCATION
 from ..config import CALIBRATION_MODES, DEFAULT_CALIBRATION
-from ..factorize import METHODS
-from ..targets import PRESETS
-from .args import add_calibration_args, add_device_args, positive_int
+from ..core.allocate import ALLOCATIONS, DEFAULT_ALLOCATION
+from ..core.factorize import METHODS
+from ..core.targets import PRESETS
+from .args import (
+    HelpFormatter,
+    add_alias,
+    add_calibration_args,
+    add_device_args,
+    add_eval_args,
+    add_loading_args,
+    positive_int,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
@@ -19,11 +27,10 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
         "factorize a fresh copy, evaluate perplexity on --eval (windowing as in 'eval') and count parameters. "
         "Writes sweep.csv, sweep.json and PNG plots (perplexity vs rank reduction and vs parameters; parameters "
         "vs rank reduction with parity points) into --out.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         parents=parents,
     )
     w.add_argument("model_dir", metavar="MODEL_DIR", help="a dense model directory")
-    w.add_argument("--eval", nargs="+", required=True, metavar="PATH", dest="eval_data")
     w.add_argument("--rank-reductions", default="0.1,0.2,0.3,0.4,0.5", help="comma-separated values in [0, 1)")
     w.add_argument(
         "--param-ratios",
@@ -44,14 +51,10 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
     )
     add_device_args(w)
     add_calibration_args(w)
-    w.add_argument(
-        "--separator",
-        default=None,
-        metavar="S",
-        help="document separator for --eval files (and --calib, unless --calib-separator is given)",
-    )
-    w.add_argument("--window", type=positive_int, default=512, help="evaluation window (tokens)")
-    w.add_argument("--out", required=True, metavar="DIR", help="output directory (created; files replaced)")
+    add_eval_args(w, required=True)
+    add_alias(w, "--window", "--eval-window", "eval_window", type=positive_int)
+    add_loading_args(w)
+    w.add_argument("--out", required=True, metavar="DIR", help="result folder (created; its sweep files are replaced)")
     h = w.add_argument_group("HumanEval side by side (needs lord_export[humaneval])")
     h.add_argument(
         "--humaneval",
@@ -93,8 +96,8 @@ def humaneval_runner(args: argparse.Namespace, tokenizer, device, results: dict)
 
 def write_humaneval(out_dir, results: dict) -> str:
     """humaneval.json (every result, and each setting against dense) and a side-by-side text table."""
-    from ..io import write_json
     from ..measure.humaneval import compare_table
+    from ..persist.io import write_json
 
     dense = results["dense"]
     lines = [
@@ -119,12 +122,12 @@ def write_humaneval(out_dir, results: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from ..calibration.data import calibration_set, evaluation_windows
     from ..config import check_param_ratio, parse_rank_reductions
-    from ..data import calibration_set, evaluation_windows
     from ..device import resolve_device
     from ..errors import UsageError
-    from ..hf import check_model_dir, load_dense, load_tokenizer, max_positions, pad_token_id
     from ..measure.sweep import run_sweep, write_sweep
+    from ..persist.hf import check_model_dir, load_dense, load_tokenizer, max_positions, pad_token_id
     from .args import calibration_options
 
     src = check_model_dir(args.model_dir)
@@ -150,13 +153,18 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(EXECUTION_REFUSED)
         load_problems(args.humaneval_limit)  # the package is there, before any model work
     device = resolve_device(args.device)
-    if args.calib_separator is None:
-        args.calib_separator = args.separator
     limit = max_positions(src)
-    tokenizer = load_tokenizer(src)
+    tokenizer = load_tokenizer(src, trust_remote_code=args.trust_remote_code)
     calib_set = calibration_set(tokenizer, args.calib, calibration_options(args), max_positions=limit)
-    windows = evaluation_windows(tokenizer, args.eval_data, args.window, separator=args.separator, max_positions=limit)
-    model = load_dense(src).to(device)
+    windows = evaluation_windows(
+        tokenizer,
+        args.eval_data,
+        args.eval_window,
+        separator=args.separator,
+        max_positions=limit,
+        max_tokens=args.eval_tokens,
+    )
+    model = load_dense(src, trust_remote_code=args.trust_remote_code).to(device)
     he_results: dict = {}
     he = humaneval_runner(args, tokenizer, device, he_results) if args.humaneval else None
     baseline, rows, parity = run_sweep(

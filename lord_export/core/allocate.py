@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import UsageError
+from ..errors import UsageError
 
 ALLOCATIONS = ("fisher", "spectrum", "uniform", "svdllm-v2")
 DEFAULT_ALLOCATION = "fisher"

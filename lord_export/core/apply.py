@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .errors import PlanError
+from ..errors import PlanError
 from .modules import LordBottleneck, LordLinear
 from .plan import BOTTLENECKS_ATTR, Group, Plan
 from .targets import is_linear, linear_info

@@ -23,11 +23,10 @@ whole thing reduces to LoRD. G is damped (G + δ·mean(diag G)·I) where it is s
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-
-METHODS = ("lord", "svd", "asvd")
 
 #: Exponent α of the ASVD activation scaling ``s = mean|x| ** α`` (ASVD paper's default 0.5).
 ASVD_ALPHA = 0.5
@@ -256,6 +255,41 @@ def rank_for(d_out: int, d_in: int, rank_reduction: float, multiple: int = 1) ->
     if multiple > 1:
         r = max(multiple, int(math.floor(r / multiple + 0.5)) * multiple)
     return min(r, full)
+
+
+#: A factorization method as the pipeline calls it: (W, C, mean|x| per input feature, rank,
+#: decomposition=the rank-independent ``output_spectrum(W, C)`` when already known) → Factors.
+Method = Callable[..., Factors]
+METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str) -> Callable[[Method], Method]:
+    """Add a factorization method to :data:`METHODS` under ``name`` (then ``LordConfig(method=name)``)."""
+
+    def add(fn: Method) -> Method:
+        METHODS[name] = fn
+        return fn
+
+    return add
+
+
+@register_method("lord")
+def _lord_method(W, C, mean_abs, rank, *, decomposition=None) -> Factors:
+    return lord(W, C, rank, decomposition=decomposition)
+
+
+@register_method("svd")
+def _svd_method(W, C, mean_abs, rank, *, decomposition=None) -> Factors:
+    f = svd(W, rank)
+    f.spectrum = decomposition[0] if decomposition is not None else output_spectrum(W, C)[0]
+    return f
+
+
+@register_method("asvd")
+def _asvd_method(W, C, mean_abs, rank, *, decomposition=None) -> Factors:
+    f = asvd(W, mean_abs, rank)
+    f.spectrum = decomposition[0] if decomposition is not None else output_spectrum(W, C)[0]
+    return f
 
 
 def _check(W: torch.Tensor, rank: int) -> None:

@@ -13,13 +13,11 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .errors import PlanError
 from .targets import find_linears
 
 log = logging.getLogger(__name__)
@@ -162,29 +160,3 @@ def fingerprint_mismatch(base: dict[str, Any], model: nn.Module, *, layers: Any 
         weights = {n: modules[n].weight for n in layers if n in modules and hasattr(modules[n], "weight")}
         return weights_mismatch({"weights": base.get("weights")}, weights)
     return None
-
-
-def check_same_base(dense: nn.Module, lord_dir: str | Path, dense_dir: str | Path) -> None:
-    """Refuse a LoRD directory that was not compressed from the dense model in ``dense_dir``.
-
-    Compares the plan's fingerprint of its base model and every tensor the LoRD directory keeps
-    unchanged (embeddings, norms, layers left dense).
-    """
-    from .checkpoint import CheckpointReader
-    from .io import read_plan
-
-    lord_dir = Path(lord_dir)
-    plan = read_plan(lord_dir, with_tensors=False)
-    where = f"{lord_dir} was not compressed from {dense_dir}"
-    why = fingerprint_mismatch(plan.base_model, dense)
-    if why:
-        raise PlanError(f"{where}: {why}")
-    state = dense.state_dict()
-    reader = CheckpointReader(lord_dir)
-    for key in reader.keys():
-        if key in state:
-            mine = reader.get(key)
-            if tuple(mine.shape) == tuple(state[key].shape) and not torch.allclose(
-                mine.to(torch.float32), state[key].to(torch.float32), rtol=1e-2, atol=1e-3
-            ):
-                raise PlanError(f"{where}: tensor {key} differs")

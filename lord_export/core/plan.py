@@ -1,6 +1,10 @@
 """Plans, the central artifact: which layers are grouped, at what rank, and their factors.
 
-This module is the data model and its JSON form only. A plan is made by :mod:`lord_export.planner`
+This module is the data model and its two serializations: ``lord_plan.json`` (:meth:`Plan.to_dict`,
+:meth:`Plan.from_dict`: the structure, the per-group report and the base-model fingerprint) and
+the compact ``quantization_config`` entry of a LoRD directory's config.json
+(:func:`quantization_config_from_plan`, :func:`plan_from_quantization_config`: what transformers'
+``from_pretrained`` and serving engines need to rebuild the modules). A plan is made by :mod:`lord_export.planner`
 from a dense model and its calibration, and applied anywhere: eager module swap
 (:mod:`lord_export.apply`), fx / torch.export / dynamo graphs (:mod:`lord_export.export`). Its
 JSON holds the structure and the per-group report; its tensors (one shared bottleneck ``B`` per
@@ -15,10 +19,15 @@ from typing import Any
 
 import torch
 
-from .config import LordConfig
-from .errors import PlanError
+from .._version import __version__
+from ..config import LordConfig
+from ..errors import PlanError
+from .factorize import full_rank, parity_rank
 
 PLAN_VERSION = 1
+#: ``quantization_config.quant_method`` of a LoRD directory, and the version of that entry's layout.
+QUANT_METHOD = "lord"
+FORMAT_VERSION = 1
 BOTTLENECKS_ATTR = "lord_bottlenecks"
 
 
@@ -141,3 +150,59 @@ class Plan:
             warnings=list(d.get("warnings", [])),
             base_model=dict(d.get("base_model", {})),
         )
+
+
+def quantization_config_from_plan(plan: Plan) -> dict[str, Any]:
+    """The ``quantization_config`` entry of config.json for ``plan`` (factorized groups only)."""
+    groups = []
+    for g in plan.factorized_groups:
+        members = [
+            {"name": m.name.rsplit(".", 1)[-1], "d_out": m.d_out, "bias": m.has_bias, "transposed": m.transposed}
+            for m in g.members
+        ]
+        groups.append({"parent": g.parent, "rank": g.rank, "d_in": g.d_in, "members": members})
+    return {
+        "quant_method": QUANT_METHOD,
+        "format_version": FORMAT_VERSION,
+        "lord_export_version": __version__,
+        "lord_config": plan.config.to_dict(),
+        "groups": groups,
+    }
+
+
+def plan_from_quantization_config(qc: Any) -> Plan:
+    """A tensor-less :class:`Plan` from a ``quantization_config`` (a dict, or an object with ``to_dict``)."""
+    d = qc if isinstance(qc, dict) else qc.to_dict()
+    if d.get("quant_method") != QUANT_METHOD:
+        raise PlanError(f"quantization_config has quant_method {d.get('quant_method')!r}, not {QUANT_METHOD!r}")
+    if d.get("format_version") != FORMAT_VERSION:
+        raise PlanError(
+            f"LoRD quantization_config format {d.get('format_version')!r} is not supported "
+            f"(this lord_export reads {FORMAT_VERSION}); upgrade lord_export"
+        )
+    try:
+        groups = []
+        for g in d["groups"]:
+            d_in, rank, parent = int(g["d_in"]), int(g["rank"]), g["parent"]
+            members, row = [], 0
+            for m in g["members"]:
+                name = f"{parent}.{m['name']}" if parent else m["name"]
+                d_out = int(m["d_out"])
+                members.append(Member(name, d_in, d_out, bool(m["transposed"]), bool(m["bias"]), row, row + d_out))
+                row += d_out
+            groups.append(
+                Group(
+                    parent=parent,
+                    members=members,
+                    d_in=d_in,
+                    d_out=row,
+                    rank=rank,
+                    full_rank=full_rank(row, d_in),
+                    parity_rank=parity_rank(row, d_in),
+                    factorized=True,
+                )
+            )
+        config = LordConfig.from_dict(d.get("lord_config") or {})
+    except (KeyError, TypeError, ValueError) as e:
+        raise PlanError(f"invalid LoRD quantization_config: {e!r}") from e
+    return Plan(config=config, groups=groups)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import TargetError
+from ..errors import TargetError
 
 PRESETS = ("all", "attention", "mlp", "mlp-down")
 

@@ -42,11 +42,11 @@ from typing import Any
 import torch
 from torch import fx
 
+from ..core.plan import Plan
 from ..errors import PlanError, UsageError
 from ..passes.factorize_linears import factorize_linears, find_sites
 from ..passes.graph_utils import copy_graph_module, fake_mode_of
 from ..passes.share_bottlenecks import share_bottlenecks
-from ..plan import Plan
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ def _check_real_weight(member, tensor: Any) -> None:
 
 @functools.lru_cache(maxsize=8)
 def _read_plan_cached(path: str) -> Plan:
-    from ..io import read_plan
+    from ..persist.io import read_plan
 
     return read_plan(path)
 
@@ -251,4 +251,101 @@ def lord_backend(gm: fx.GraphModule, example_inputs: list, *, options: dict | No
 
 def make_backend(**options: Any) -> Callable:
     """A backend callable with ``options`` bound: ``torch.compile(model, backend=make_backend(plan=PATH))``."""
+    watch_whole_module_compiles()
     return functools.partial(lord_backend, options=options)
+
+
+def compile_model(
+    model: torch.nn.Module,
+    plan: Any = None,
+    *,
+    allow_base_mismatch: bool = False,
+    up: str = "separate",
+    backend: Any = None,
+    inductor_options: dict | None = None,
+    **compile_kwargs: Any,
+) -> torch.nn.Module:
+    """Compile ``model``'s forward with the LoRD graph pass, so ``model(...)``, ``model.generate(...)`` and
+    pipelines all run the factorized graph; returns ``model`` (changed in place: its ``forward`` is the
+    compiled one).
+
+    ``plan``: a LoRD directory, a ``lord_plan.json`` or a :class:`Plan` (None: an eager LoRD model's
+    repeated bottlenecks are merged). ``compile_kwargs`` go to ``torch.compile`` (``dynamic=True``,
+    ``mode=...``). The plan is checked against the model at once (a fine-tuned copy of the base model
+    is refused unless ``allow_base_mismatch``), not at the first call.
+
+    Why not ``torch.compile(model, backend="lord")``: that returns a wrapper whose ``generate`` is the
+    original model's, which calls the UNcompiled forward - the dense model. lord_export warns once when
+    that happens (:func:`watch_whole_module_compiles`).
+    """
+    from ..core.apply import check_base_model
+
+    resolved = resolve_plan(plan)
+    if resolved is not None and not allow_base_mismatch:
+        layers = [m.name for g in resolved.factorized_groups for m in g.members]
+        modules = dict(model.named_modules())
+        if all(n in modules for n in layers):  # a plan for this module (else the backend says what does not fit)
+            check_base_model(model, resolved, weights=True)
+    options = {"plan": resolved, "up": up, "allow_base_mismatch": allow_base_mismatch}
+    if backend is not None:
+        options["backend"] = backend
+    if inductor_options:
+        options["inductor_options"] = inductor_options
+    model.forward = torch.compile(model.forward, backend=make_backend(**options), **compile_kwargs)
+    return model
+
+
+_WARNED: set[str] = set()
+
+
+def watch_whole_module_compiles() -> None:
+    """Warn once when a module compiled whole with the lord backend runs its uncompiled forward.
+
+    ``torch.compile(model, backend="lord")`` returns torch's ``OptimizedModule``; its ``generate`` (and
+    any other method but ``__call__``/``forward``) is the original model's, which calls the original,
+    uncompiled forward: the dense model runs, silently. A module-registration hook (a public torch
+    hook, called for every submodule registered anywhere) notices each ``OptimizedModule`` taking its
+    ``_orig_mod`` and gives that module a forward pre-hook; the hook warns (once per process) when
+    the module runs outside compiled code while its wrapper was compiled with the lord backend.
+    """
+    if "installed" in _WARNED:
+        return
+    _WARNED.add("installed")
+    import weakref
+
+    def on_register(module: Any, name: str, submodule: Any) -> None:
+        if name != "_orig_mod" or type(module).__name__ != "OptimizedModule" or submodule is None:
+            return
+        wrapper = weakref.ref(module)
+
+        def pre_hook(mod: Any, args: Any) -> None:
+            if "generate" in _WARNED or torch.compiler.is_compiling():
+                return
+            outer = wrapper()
+            if outer is not None and _compiled_with_lord(outer):
+                _WARNED.add("generate")
+                log.warning(
+                    "a model compiled whole with torch.compile(model, backend='lord') is running its UNcompiled "
+                    "forward (model.generate() and other methods of the compiled wrapper call the original model): "
+                    "this runs the dense model, not LoRD. Compile the forward instead: lord_export.compile(model, "
+                    "plan) (or model.forward = torch.compile(model.forward, backend='lord', options=...))"
+                )
+
+        submodule.register_forward_pre_hook(pre_hook)
+
+    torch.nn.modules.module.register_module_module_registration_hook(on_register)
+
+
+def _compiled_with_lord(wrapper: Any) -> bool:
+    """Whether torch's ``OptimizedModule`` ``wrapper`` compiles with the lord backend (read from the
+    backend chain dynamo keeps: ``_torchdynamo_orig_backend`` / ``compiler_fn``)."""
+    fn = getattr(getattr(wrapper, "dynamo_ctx", None), "callback", None)
+    for _ in range(8):
+        if fn is None:
+            return False
+        if getattr(fn, "compiler_name", None) == "lord" or fn is lord_backend:
+            return True
+        if isinstance(fn, functools.partial) and fn.func is lord_backend:
+            return True
+        fn = getattr(fn, "_torchdynamo_orig_backend", None) or getattr(fn, "compiler_fn", None)
+    return False

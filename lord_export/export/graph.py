@@ -18,11 +18,11 @@ from torch import fx, nn
 from torch.export import ExportedProgram
 from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec, TensorArgument
 
+from ..core.plan import Plan
 from ..errors import PlanError
 from ..passes.factorize_linears import factorize_linears, find_sites
 from ..passes.graph_utils import copy_graph_module, fake_mode_of
 from ..passes.share_bottlenecks import share_bottlenecks
-from ..plan import Plan
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def check_graph_base(plan: Plan, weights: Mapping[str, Any], sites: Mapping[str,
     factors would silently replace). Pass ``allow_mismatch=True`` (``allow_base_mismatch`` for
     the dynamo backend) to apply it anyway.
     """
-    from ..fingerprint import weights_mismatch
+    from ..core.fingerprint import weights_mismatch
 
     if not plan.base_model:
         return

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import LordError, OutputExistsError, UsageError
+from ..errors import LordError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -284,9 +284,10 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     dtype: str = "float32",
     validate: bool = True,
-    overwrite: bool = False,
+    overwrite: bool | str = False,
     external_data: bool | None = None,
     with_past: bool = False,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Export a model directory (LoRD output of ``lord-export compress``, or a dense one) to ONNX.
 
@@ -295,17 +296,20 @@ def export_onnx(
     ValidationError is raised. ``with_past`` exports a causal LM with KV-cache inputs/outputs in
     optimum's layout (needs the optimum extra).
     """
-    from ..hf import TOKENIZER_FILES, check_model_dir, load_dense
-    from ..io import PLAN_FILE, atomic_output_dir, load, read_plan
+    from ..persist.hf import TOKENIZER_FILES, check_model_dir, load_dense
+    from ..persist.io import PLAN_FILE, atomic_output_dir, check_output, load, read_plan
 
     src = check_model_dir(model_dir)
     if dtype not in TOLERANCE:
         raise UsageError(f"unknown dtype {dtype!r}; choose one of {', '.join(TOLERANCE)}")
     out = Path(output_dir)
-    if out.exists() and not overwrite:
-        raise OutputExistsError(output_dir)
+    check_output(out, overwrite)
     is_lord = (src / PLAN_FILE).is_file()
-    model = load(src) if is_lord else load_dense(src)
+    model = (
+        load(src, trust_remote_code=trust_remote_code)
+        if is_lord
+        else load_dense(src, trust_remote_code=trust_remote_code)
+    )
     groups = len(read_plan(src, with_tensors=False).factorized_groups) if is_lord else 0
     failed = Path(str(out) + ".failed")
     with atomic_output_dir(out, overwrite=overwrite) as tmp:

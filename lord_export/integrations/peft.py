@@ -30,7 +30,7 @@ Why not the alternatives (read in PEFT 0.21.2's source):
   saved adapter does not reload unless the user also passes a registered ``config=``. PEFT has no
   global registry for LoRA layer types (``dispatch_default`` is a fixed isinstance chain).
   :func:`register_lora` still does this per-config registration for those who opt out of the hook.
-* (c) chosen: the class of (b), applied globally. :mod:`lord_export.peft_hook` wraps PEFT's
+* (c) chosen: the class of (b), applied globally. :mod:`lord_export.integrations.peft_hook` wraps PEFT's
   ``LoraModel._create_new_module`` (a static method; the one place every LoRA target passes
   through, including ``PeftModel.from_pretrained``) so that LoRD targets go to
   :func:`dispatch_lord` and everything else to PEFT unchanged. ``import lord_export`` does not
@@ -56,11 +56,10 @@ from peft.tuners.lora import layer as lora_layer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from .modules import LordLinear
-from .peft_hook import install, is_patched
-from .plan import BOTTLENECKS_ATTR
+from ..core.modules import LordLinear
+from ..core.plan import BOTTLENECKS_ATTR
 
-__all__ = ["LordLoraLinear", "LORA_CUSTOM_MODULES", "dispatch_lord", "register_lora", "is_patched"]
+__all__ = ["LordLoraLinear", "LORA_CUSTOM_MODULES", "dispatch_lord", "register_lora"]
 
 
 class LordLoraLinear(lora_layer.Linear):
@@ -146,6 +145,3 @@ def register_lora(config: LoraConfig) -> LoraConfig:
     elif targets is not None and not isinstance(targets, str):
         config.exclude_modules = set(exclude or ()) | {f"{BOTTLENECKS_ATTR}.{t}" for t in targets}
     return config
-
-
-install()  # importing this module means PEFT is loaded: make sure the hook is in place

@@ -52,7 +52,7 @@ def patch(module: ModuleType) -> bool:
         return True
 
     def _create_new_module(lora_config, adapter_name, target, **kwargs):
-        from .peft_support import dispatch_lord  # imports peft; PEFT is fully loaded by now
+        from .peft import dispatch_lord  # imports peft; PEFT is fully loaded by now
 
         new_module = dispatch_lord(target, adapter_name, config=lora_config, **kwargs)
         if new_module is not None:
@@ -62,7 +62,7 @@ def patch(module: ModuleType) -> bool:
     check_exists = cls._check_target_module_exists  # a static method in PEFT 0.21 (inherited from BaseTuner)
 
     def _check_target_module_exists(peft_config, key):
-        from .plan import BOTTLENECKS_ATTR
+        from ..core.plan import BOTTLENECKS_ATTR
 
         if key.rpartition(".")[0].rpartition(".")[2] == BOTTLENECKS_ATTR:
             return False  # a LoRD bottleneck: adapters go on the members that read it (see peft_support)

@@ -20,8 +20,8 @@ imported, and otherwise the moment it is imported (a ``sys.meta_path`` finder th
 ``transformers.quantizers.auto``), so the import order of ``lord_export`` and ``transformers``
 does not matter.
 
-The conversion helpers (:func:`quantization_config_from_plan`, :func:`plan_from_quantization_config`,
-:func:`plan_from_model_dir`) need neither transformers nor a model.
+The conversions between a plan and its ``quantization_config`` live beside the plan's data model
+(:mod:`lord_export.core.plan`); they need neither transformers nor a model.
 
 Run with transformers 4.57.6 and 5.24.0 (see ``tests/test_from_pretrained.py``); 4.45-4.49 read
 from their sources only (no ``register_*`` functions before 4.50: :func:`register` then fills
@@ -38,15 +38,12 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from pathlib import Path
 from typing import Any
 
-from .errors import LordError, PlanError
+from ..core.plan import FORMAT_VERSION, QUANT_METHOD, plan_from_quantization_config
+from ..errors import LordError
 
 log = logging.getLogger(__name__)
-
-QUANT_METHOD = "lord"
-FORMAT_VERSION = 1
 _HOOK_TARGET = "transformers.quantizers.auto"
 _CLASS_NAMES = ("LordQuantizationConfig", "LordHfQuantizer")
 _lock = threading.RLock()
@@ -60,91 +57,6 @@ class QuantMethod(str):
     @property
     def value(self) -> str:
         return str(self)
-
-
-# --------------------------------------------------------------------------- plan <-> config dict
-def quantization_config_from_plan(plan: Any) -> dict[str, Any]:
-    """The ``quantization_config`` entry of config.json for ``plan`` (factorized groups only)."""
-    from . import __version__
-
-    groups = []
-    for g in plan.factorized_groups:
-        groups.append(
-            {
-                "parent": g.parent,
-                "rank": g.rank,
-                "d_in": g.d_in,
-                "members": [
-                    {
-                        "name": m.name.rsplit(".", 1)[-1],
-                        "d_out": m.d_out,
-                        "bias": m.has_bias,
-                        "transposed": m.transposed,
-                    }
-                    for m in g.members
-                ],
-            }
-        )
-    return {
-        "quant_method": QUANT_METHOD,
-        "format_version": FORMAT_VERSION,
-        "lord_export_version": __version__,
-        "lord_config": plan.config.to_dict(),
-        "groups": groups,
-    }
-
-
-def plan_from_quantization_config(qc: Any) -> Any:
-    """A tensor-less :class:`~lord_export.plan.Plan` from a ``quantization_config`` (dict or config object)."""
-    from .config import LordConfig
-    from .factorize import full_rank, parity_rank
-    from .plan import Group, Member, Plan
-
-    d = qc if isinstance(qc, dict) else qc.to_dict()
-    if d.get("quant_method") != QUANT_METHOD:
-        raise PlanError(f"quantization_config has quant_method {d.get('quant_method')!r}, not {QUANT_METHOD!r}")
-    if d.get("format_version") != FORMAT_VERSION:
-        raise PlanError(
-            f"LoRD quantization_config format {d.get('format_version')!r} is not supported "
-            f"(this lord_export reads {FORMAT_VERSION}); upgrade lord_export"
-        )
-    try:
-        groups = []
-        for g in d["groups"]:
-            d_in, rank, parent = int(g["d_in"]), int(g["rank"]), g["parent"]
-            members, row = [], 0
-            for m in g["members"]:
-                name = f"{parent}.{m['name']}" if parent else m["name"]
-                d_out = int(m["d_out"])
-                members.append(Member(name, d_in, d_out, bool(m["transposed"]), bool(m["bias"]), row, row + d_out))
-                row += d_out
-            groups.append(
-                Group(
-                    parent=parent,
-                    members=members,
-                    d_in=d_in,
-                    d_out=row,
-                    rank=rank,
-                    full_rank=full_rank(row, d_in),
-                    parity_rank=parity_rank(row, d_in),
-                    factorized=True,
-                )
-            )
-        config = LordConfig.from_dict(d.get("lord_config") or {})
-    except (KeyError, TypeError, ValueError) as e:
-        raise PlanError(f"invalid LoRD quantization_config: {e!r}") from e
-    return Plan(config=config, groups=groups)
-
-
-def plan_from_model_dir(path: str | Path) -> Any | None:
-    """The plan structure from ``<path>/config.json``'s LoRD quantization_config, or None if it has none."""
-    cfg_file = Path(path) / "config.json"
-    if not cfg_file.is_file():
-        return None
-    qc = json.loads(cfg_file.read_text()).get("quantization_config")
-    if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
-        return None
-    return plan_from_quantization_config(qc)
 
 
 # --------------------------------------------------------------------------- transformers classes
@@ -224,7 +136,7 @@ def _build_classes() -> dict[str, type]:
             return False
 
         def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> Any:
-            from .apply import apply_plan
+            from ..core.apply import apply_plan
 
             apply_plan(model, self.plan, load_tensors=False, allow_mismatch=True)  # built from the LoRD config
             return model

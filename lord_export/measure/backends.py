@@ -59,7 +59,7 @@ def _backend_compile(ctx: dict) -> dict[str, Runner]:
     # EAGER: the second model's decode would be timed uncompiled
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     dense = torch.compile(copy.deepcopy(ctx["dense"]), backend="inductor", dynamic=True)
-    from ..io import read_plan
+    from ..persist.io import read_plan
 
     plan = read_plan(ctx["lord_dir"])  # factors in the benchmark's dtype, like the dense weights
     plan.tensors = {k: v.to(ctx["dtype"]) for k, v in plan.tensors.items()}

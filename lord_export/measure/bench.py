@@ -78,8 +78,8 @@ def check_bench_args(
     warmup: int,
 ) -> tuple[Path, Path]:
     """Everything checkable before loading a model; returns the two directories."""
-    from ..hf import check_model_dir, max_positions
-    from ..io import PLAN_FILE
+    from ..persist.hf import check_model_dir, max_positions
+    from ..persist.io import PLAN_FILE
 
     dense_dir, lord_dir = check_model_dir(dense_dir), check_model_dir(lord_dir)
     if not (lord_dir / PLAN_FILE).is_file():
@@ -110,12 +110,12 @@ def run_bench(
     threads: int | None = None,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
+    trust_remote_code: bool = False,
 ) -> BenchResult:
     """Measure dense vs LoRD on each backend (see module docstring); unavailable backends are skipped."""
     from ..device import resolve_device
-    from ..fingerprint import check_same_base
-    from ..hf import load_dense
-    from ..io import load
+    from ..persist.hf import load_dense
+    from ..persist.io import load
 
     say = progress or (lambda msg: None)
     backends = parse_backends(backends)
@@ -133,9 +133,11 @@ def run_bench(
         torch.set_num_threads(threads)
 
     say(f"loading {dense_dir} and {lord_dir}")
-    dense = load_dense(dense_dir, dtype=torch.float32).eval()
+    dense = load_dense(dense_dir, dtype=torch.float32, trust_remote_code=trust_remote_code).eval()
     check_same_base(dense, lord_dir, dense_dir)
-    lord = load(lord_dir).to(torch.float32).eval()  # FLOPs are counted in float32; runs use ``dtype``
+    lord = (
+        load(lord_dir, trust_remote_code=trust_remote_code).to(torch.float32).eval()
+    )  # FLOPs are counted in float32; runs use ``dtype``
     gen = torch.Generator().manual_seed(seed)
     vocab = int(dense.config.vocab_size)
     prefill_ids = {n: torch.randint(0, vocab, (1, n), generator=gen) for n in tokens}
@@ -275,3 +277,31 @@ def describe_failure(err: BaseException) -> str:
         where = f" at {tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb is not None else ""
         line += f" <- {type(root).__name__}: {str(root).splitlines()[0] if str(root) else ''}{where}"
     return line
+
+
+def check_same_base(dense: torch.nn.Module, lord_dir: str | Path, dense_dir: str | Path) -> None:
+    """Refuse a LoRD directory that was not compressed from the dense model in ``dense_dir``.
+
+    Compares the plan's fingerprint of its base model and every tensor the LoRD directory keeps
+    unchanged (embeddings, norms, layers left dense).
+    """
+    from ..core.fingerprint import fingerprint_mismatch
+    from ..errors import PlanError
+    from ..persist.checkpoint import CheckpointReader
+    from ..persist.io import read_plan
+
+    lord_dir = Path(lord_dir)
+    plan = read_plan(lord_dir, with_tensors=False)
+    where = f"{lord_dir} was not compressed from {dense_dir}"
+    why = fingerprint_mismatch(plan.base_model, dense)
+    if why:
+        raise PlanError(f"{where}: {why}")
+    state = dense.state_dict()
+    reader = CheckpointReader(lord_dir)
+    for key in reader.keys():
+        if key in state:
+            mine = reader.get(key)
+            if tuple(mine.shape) == tuple(state[key].shape) and not torch.allclose(
+                mine.to(torch.float32), state[key].to(torch.float32), rtol=1e-2, atol=1e-3
+            ):
+                raise PlanError(f"{where}: tensor {key} differs")

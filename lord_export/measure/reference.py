@@ -15,7 +15,7 @@ import re
 import sysconfig
 from pathlib import Path
 
-from .errors import LordError
+from ..errors import LordError
 
 SPLITS = {"train": range(0, 90), "calib": range(90, 95), "eval": range(95, 100)}
 REFERENCE_MODEL = "reference-code-llama"
@@ -62,7 +62,7 @@ def trained_python() -> str | None:
 
 def reference_model_dir() -> Path:
     """The directory of the shipped reference model; a clear error if the package was built without it."""
-    path = Path(__file__).parent / "assets" / REFERENCE_MODEL
+    path = Path(__file__).parent.parent / "assets" / REFERENCE_MODEL
     if not (path / "model.safetensors").is_file():
         raise LordError(
             f"the reference model is missing from {path}; reinstall lord_export from a full checkout "

@@ -20,11 +20,11 @@ from typing import Any
 
 from torch import nn
 
-from ..compress import compress_settings
 from ..config import LordConfig
-from ..factorize import parity_rank
-from ..fingerprint import count_parameters
-from .evaluate import perplexity
+from ..core.factorize import parity_rank
+from ..core.fingerprint import count_parameters
+from ..pipeline.compress import compress_settings
+from ..pipeline.evaluate import perplexity
 
 log = logging.getLogger(__name__)
 

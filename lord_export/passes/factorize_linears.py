@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from ..core.plan import Group, Plan
 from ..errors import PlanError
-from ..plan import Group, Plan
 from .graph_utils import ADDMM_TARGETS, LINEAR_TARGETS, aten, copy_provenance, node_position, propagate_fake_value
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import RemoteCodeError, UsageError
+from ..errors import RemoteCodeError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -119,18 +119,48 @@ def load_tokenizer(model_dir: str | Path, *, trust_remote_code: bool = False) ->
         raise UsageError(f"could not load a tokenizer from {str(model_dir)!r}: {e}") from e
 
 
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first materialized parameter (CPU when it has none)."""
-    for p in model.parameters():
-        if p.device.type != "meta":
-            return p.device
-    return torch.device("cpu")
-
-
 def pad_token_id(tokenizer: Any) -> int:
     """The tokenizer's padding id, or 0 for tokenizers without one (padding is always masked out)."""
     pad = getattr(tokenizer, "pad_token_id", None)
     return pad if pad is not None else 0
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def checkpoint_dtypes(model_dir: str | Path) -> dict[str, torch.dtype]:
+    """{tensor name: dtype} of the directory's safetensors files, read from their headers only."""
+    import struct
+
+    out: dict[str, torch.dtype] = {}
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with open(f, "rb") as handle:
+            size = struct.unpack("<Q", handle.read(8))[0]
+            header = json.loads(handle.read(size))
+        for name, entry in header.items():
+            if name != "__metadata__" and entry.get("dtype") in _SAFETENSORS_DTYPES:
+                out[name] = _SAFETENSORS_DTYPES[entry["dtype"]]
+    return out
+
+
+def main_dtype(stored: dict[str, torch.dtype]) -> torch.dtype:
+    """The dtype most floating-point tensors of a checkpoint (:func:`checkpoint_dtypes`) are stored in."""
+    counts: dict[torch.dtype, int] = {}
+    for dt in stored.values():
+        if dt.is_floating_point:
+            counts[dt] = counts.get(dt, 0) + 1
+    return max(counts, key=counts.get) if counts else torch.float32
 
 
 def weights_bytes(model_dir: str | Path) -> int:

@@ -23,26 +23,49 @@ from typing import Any
 import torch
 from torch import nn
 
-from .apply import apply_plan
+from ..core.apply import apply_plan
+from ..core.plan import QUANT_METHOD, Plan, plan_from_quantization_config, quantization_config_from_plan
+from ..errors import ForeignOutputError, OutputExistsError, PlanError, UsageError
 from .checkpoint import DEFAULT_MAX_SHARD_BYTES, WEIGHTS_FILE, CheckpointReader, ShardWriter  # noqa: F401 (re-export)
-from .errors import OutputExistsError, PlanError, UsageError
-from .hf_quantizer import plan_from_model_dir, quantization_config_from_plan
-from .plan import Plan
 
 PLAN_FILE = "lord_plan.json"
 REPORT_FILE = "report.json"
 
 
+#: Files that mark a directory lord_export wrote (a LoRD model, an export, a demo, a sweep).
+OUTPUT_MARKERS = (
+    "lord_plan.json",
+    "report.json",
+    "export_report.json",
+    "heal_report.json",
+    "demo.json",
+    "sweep.json",
+    "lord_config.json",
+)
+
+
+def check_output(path: str | Path, overwrite: bool | str = False) -> None:
+    """OutputExistsError unless ``path`` is free, or may be replaced: ``overwrite=True`` replaces an empty
+    directory or one lord_export wrote (:data:`OUTPUT_MARKERS`), ``overwrite="any"`` anything."""
+    p = Path(path)
+    if not p.exists() or overwrite == "any":
+        return
+    if not overwrite:
+        raise OutputExistsError(path)
+    if p.is_dir() and (not any(p.iterdir()) or any((p / m).exists() for m in OUTPUT_MARKERS)):
+        return
+    raise ForeignOutputError(path)
+
+
 @contextmanager
-def atomic_output_dir(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+def atomic_output_dir(path: str | Path, *, overwrite: bool | str = False) -> Iterator[Path]:
     """Yield a fresh temporary directory beside ``path``; move it to ``path`` only on success.
 
-    Refuses an existing ``path`` unless ``overwrite``; on any error the temporary directory is
-    removed and ``path`` is untouched.
+    Refuses an existing ``path`` unless :func:`check_output` allows replacing it; on any error the
+    temporary directory is removed and ``path`` is untouched.
     """
     dest = Path(path)
-    if dest.exists() and not overwrite:
-        raise OutputExistsError(path)
+    check_output(dest, overwrite)
     parent = dest.absolute().parent
     if not parent.is_dir():
         raise UsageError(f"the parent directory of output {str(path)!r} does not exist")
@@ -92,7 +115,7 @@ def save_compressed(
     *,
     source_dir: str | Path | None = None,
     report: dict[str, Any] | None = None,
-    overwrite: bool = False,
+    overwrite: bool | str = False,
 ) -> Path:
     """Write a compressed model directory (atomically) that :func:`load` reads back."""
     with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
@@ -145,6 +168,17 @@ def write_plan(directory: Path, plan: Plan, tied: list[str], report: dict[str, A
     write_json(directory / PLAN_FILE, plan_dict)
     if report is not None:
         write_json(directory / REPORT_FILE, report)
+
+
+def plan_from_model_dir(path: str | Path) -> Plan | None:
+    """The plan structure from ``<path>/config.json``'s LoRD quantization_config, or None if it has none."""
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.is_file():
+        return None
+    qc = json.loads(cfg_file.read_text()).get("quantization_config")
+    if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
+        return None
+    return plan_from_quantization_config(qc)
 
 
 def read_plan(path: str | Path, *, with_tensors: bool = True) -> Plan:
@@ -261,6 +295,24 @@ def build_skeleton(path: str | Path, trust_remote_code: bool = False) -> nn.Modu
 def is_lord_dir(path: str | Path) -> bool:
     """Whether ``path`` is a LoRD model directory (it holds a plan)."""
     return (Path(path) / PLAN_FILE).is_file()
+
+
+def load_for_compute(
+    path: str | Path,
+    device: str | torch.device,
+    compute_dtype: torch.dtype | str | None = "auto",
+    *,
+    trust_remote_code: bool = False,
+) -> tuple[nn.Module, Any]:
+    """A dense or LoRD directory on ``device`` in eval mode, in the dtype to compute in there (see
+    :func:`lord_export.device.compute_dtype`: float32 for a bfloat16 checkpoint on a CPU without
+    bfloat16 units); returns (model, the :class:`~lord_export.device.DtypeChoice`)."""
+    from ..device import compute_dtype as choose
+    from .hf import checkpoint_dtypes, main_dtype
+
+    choice = choose(device, main_dtype(checkpoint_dtypes(path)), compute_dtype)
+    model = load_model_dir(path, dtype=choice.compute, trust_remote_code=trust_remote_code)
+    return model.to(device).eval(), choice
 
 
 def load_model_dir(path: str | Path, *, dtype: torch.dtype | None = None, trust_remote_code: bool = False) -> nn.Module:

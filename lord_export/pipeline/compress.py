@@ -1,40 +1,35 @@
-"""The one-call API over the stages, for a model in memory or a model directory, and the
-calibrate-once / factorize-per-setting loop that sweeps and the demo share.
+"""The one-call API for a model in memory (:func:`compress`), the calibrate-once /
+factorize-per-setting loop that sweeps and the demo share, and the report every path writes.
 
-Both entry points run the block-by-block engine (:mod:`lord_export.engine`); a model whose blocks
-cannot be found (or a calibration callback instead of batches) falls back to whole-model
-calibration with a warning.
+:func:`compress` runs the block-by-block engine (:mod:`lord_export.pipeline.engine`); a model whose
+blocks cannot be found (or a calibration callback instead of batches) falls back to whole-model
+calibration with a warning. Model directories: :mod:`lord_export.pipeline.model_dir`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
-import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import __version__
-from .apply import apply_plan
-from .budget import check_overrides, plan_budget, survey
-from .calibrate import Calibration, CalibrationData, calibrate
-from .config import LordConfig
-from .data import CalibrationOptions, calibration_set, text_files
-from .errors import OutputExistsError, UsageError
-from .fingerprint import count_parameters, describe_model
-from .plan import Plan
+from .._version import __version__
+from ..calibration.statistics import Calibration, CalibrationData, calibrate
+from ..config import LordConfig
+from ..core.apply import apply_plan
+from ..core.fingerprint import count_parameters, describe_model
+from ..core.plan import Plan
+from ..core.targets import select_targets
+from ..errors import UsageError
 from .planner import make_plan
-from .targets import select_targets
+from .survey import check_overrides, plan_budget, survey
 
 log = logging.getLogger(__name__)
-
-#: Where a parameter budget's survey parks its factors, inside the (temporary) output directory.
-SPILL_DIR = ".lord-factor-spill"
 
 
 def resolve_config(config: LordConfig | None, overrides: dict[str, Any]) -> LordConfig:
@@ -51,6 +46,7 @@ def compress(
     *,
     device: str | torch.device | None = None,
     stats_device: str | torch.device | None = None,
+    compute_dtype: torch.dtype | str | None = "auto",
     progress: bool = False,
     surveyed: Any = None,
     **overrides: Any,
@@ -62,18 +58,45 @@ def compress(
     overrides (``compress(model, data, rank_reduction=0.3, targets=("mlp",))``). Blocks are
     processed one at a time on ``device`` (default: where the model is) and go back where they
     were; statistics live on ``stats_device`` (default: ``device``). With ``config.param_ratio`` the
-    ranks come from a survey of the dense model (:mod:`lord_export.budget`); ``surveyed`` reuses one
-    made for the same model and targets (sweeps over budgets).
+    ranks come from a survey of the dense model (:mod:`lord_export.pipeline.survey`); ``surveyed``
+    reuses one made for the same model and targets (sweeps over budgets). ``compute_dtype``
+    ("auto": float32 for a half-precision model on a device without native support for it, see
+    :func:`lord_export.device.compute_dtype`) is what the work runs in; the model keeps its dtypes
+    and the factors get their layers' dtype.
     """
-    from .device import resolve_device
-    from .engine import Engine, find_streamable_blocks
-    from .hf import model_device
+    from ..device import compute_dtype as choose_dtype
+    from ..device import model_device, resolve_device
 
     config = resolve_config(config, overrides)
     device = resolve_device(device if device is not None else model_device(model))
     base = describe_model(model)
     params_before = count_parameters(model)
+    choice = choose_dtype(device, floating_dtype(model), compute_dtype)
     t0 = time.perf_counter()
+    with computing_in(model, choice.compute):
+        store = choice.store if choice.store != choice.compute else None
+        plan, streamed, budget = _compress(model, data, config, device, stats_device, progress, surveyed, base, store)
+    plan.tensors = {k: v.to(model.get_parameter(k).dtype) for k, v in plan.tensors.items()}
+    plan.base_model = base
+    calib_report = plan.report.get("calibration")
+    plan.report = build_report(
+        plan,
+        params_before=params_before,
+        params_after=count_parameters(model),
+        calibration=calib_report,
+        timings={"compress_s": round(time.perf_counter() - t0, 3)},
+        streamed=streamed,
+    )
+    plan.report["dtype"] = choice.describe()
+    if budget is not None:
+        plan.report["budget"] = budget.report
+    return plan
+
+
+def _compress(model, data, config, device, stats_device, progress, surveyed, base, store) -> tuple[Plan, bool, Any]:
+    """:func:`compress`'s choice of path: (plan, whether block by block, the budget or None)."""
+    from .engine import Engine, find_streamable_blocks
+
     layers = select_targets(model, config.targets, config.exclude)
     check_overrides(config, layers)
     blocks, why = find_streamable_blocks(model)
@@ -96,23 +119,51 @@ def compress(
     else:
         batches = [b if isinstance(b, dict) else {"input_ids": b} for b in data]
         ranks = budget.ranks if budget is not None else None
-        engine = Engine(model, config, device=device, stats_device=stats_device, bars=progress, ranks=ranks)
+        engine = Engine(
+            model, config, device=device, stats_device=stats_device, bars=progress, ranks=ranks, store_dtype=store
+        )
         result = engine.run(batches, blocks)
         plan = Plan(config=config, groups=result.groups, warnings=result.warnings, tensors=result.tensors)
         plan.report = {"calibration": {"batches": result.calibration_batches}, "blocks": result.blocks}
-    plan.base_model = base
-    calib_report = plan.report.get("calibration")
-    plan.report = build_report(
-        plan,
-        params_before=params_before,
-        params_after=count_parameters(model),
-        calibration=calib_report,
-        timings={"compress_s": round(time.perf_counter() - t0, 3)},
-        streamed=blocks is not None and not (budget is not None and config.calibration == "independent"),
-    )
-    if budget is not None:
-        plan.report["budget"] = budget.report
-    return plan
+    streamed = blocks is not None and not (budget is not None and config.calibration == "independent")
+    return plan, streamed, budget
+
+
+def floating_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype most of ``model``'s floating-point parameters have (float32 when it has none)."""
+    counts: dict[torch.dtype, int] = {}
+    for p in model.parameters():
+        if p.is_floating_point():
+            counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    return max(counts, key=counts.get) if counts else torch.float32
+
+
+@contextlib.contextmanager
+def computing_in(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
+    """The tensors of ``model`` stored in its main dtype (:func:`floating_dtype`) in ``dtype`` while the
+    context lasts, and back afterwards; tensors kept in another dtype (float32 rotary tables, say)
+    are left alone, and tensors made meanwhile (LoRD factors) end in the main dtype."""
+    main = floating_dtype(model)
+    if dtype == main:
+        yield
+        return
+    before = {id(t) for t in _floating(model)}
+    casted = {id(t) for t in _floating(model) if t.dtype == main}
+    for t in _floating(model):
+        if id(t) in casted:
+            t.data = t.data.to(dtype)
+    try:
+        yield
+    finally:
+        for t in _floating(model):
+            if id(t) in casted or id(t) not in before:
+                t.data = t.data.to(main)
+
+
+def _floating(model: nn.Module) -> Iterator[torch.Tensor]:
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_floating_point():
+            yield t
 
 
 def _compress_whole_model(
@@ -219,192 +270,3 @@ def build_report(
         "warnings": list(plan.warnings),
         "groups": [g.to_dict() for g in plan.groups],
     }
-
-
-def compress_model_dir(
-    model_dir: str | Path,
-    output_dir: str | Path,
-    calib: Sequence[str | Path],
-    config: LordConfig,
-    *,
-    data: CalibrationOptions | None = None,
-    overwrite: bool = False,
-    dtype: torch.dtype | None = None,
-    device: str | torch.device | None = None,
-    stats_device: str | torch.device | None = None,
-    max_shard_bytes: int | None = None,
-    trust_remote_code: bool = False,
-    progress: Callable[[str], None] | None = None,
-    bars: bool = False,
-) -> dict[str, Any]:
-    """Compress a model directory into ``output_dir`` (written atomically); return the report.
-
-    The model is built on the meta device and its blocks are read from the safetensors checkpoint
-    one at a time (see :mod:`lord_export.engine`), so memory holds one block, its statistics, the
-    calibration activations and the embeddings/head. Everything that can be checked cheaply
-    (paths, output, disk space, calibration files, sequence length, device) is checked before the
-    model is loaded; the input directory is only read.
-    """
-    from .checkpoint import DEFAULT_MAX_SHARD_BYTES
-    from .device import resolve_device
-    from .engine import find_streamable_blocks
-    from .hf import check_model_dir, load_dense, load_tokenizer, max_positions, weights_bytes
-    from .io import REPORT_FILE, atomic_output_dir, build_skeleton, write_into, write_json
-
-    say = progress or (lambda msg: None)
-    max_shard_bytes = max_shard_bytes or DEFAULT_MAX_SHARD_BYTES
-    model_dir = check_model_dir(model_dir)
-    out = Path(output_dir)
-    if out.exists() and not overwrite:
-        raise OutputExistsError(output_dir)
-    if out.absolute() == model_dir.absolute():
-        raise UsageError("the output directory must differ from the model directory")
-    device = resolve_device(device)
-    text_files(calib)  # fail on missing/empty/binary paths before loading anything heavy
-    spills = config.param_ratio is not None and config.calibration == "independent"
-    _check_disk_space(out, weights_bytes(model_dir) * (2 if spills else 1), spills)
-    tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
-    calib_set = calibration_set(
-        tokenizer, calib, _with_packing(data, model_dir, trust_remote_code), max_positions=max_positions(model_dir)
-    )
-    model = build_skeleton(model_dir, trust_remote_code)
-    blocks, why = find_streamable_blocks(model)
-    if blocks is not None and config.param_ratio is not None and _targets_outside(model, config, blocks):
-        # the streamed survey covers the blocks; targets outside them need the whole-model one
-        say("the targets include layers outside the blocks: the budget is allocated over the whole model in memory")
-        blocks = None
-    on_cuda = torch.device(device).type == "cuda"
-    if on_cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        if blocks is None:
-            model = load_dense(model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
-            plan = compress(model, calib_set.batches(), config, device=device, stats_device=stats_device)
-            write_into(tmp, model, plan, source_dir=model_dir, max_shard_bytes=max_shard_bytes)
-            report = plan.report
-        else:
-            stream = dict(device=device, stats_device=stats_device, progress=say, bars=bars)
-            report = _compress_streamed(
-                model, model_dir, blocks, tmp, calib_set, config, dtype, max_shard_bytes, stream
-            )
-        report["source_model"] = str(model_dir)
-        report["device"] = str(device)
-        if on_cuda:  # what the GPU needed: the streamed path's claim is one block's worth
-            report["cuda_peak_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
-        report["calibration"].update(calib_set.describe())
-        write_json(tmp / REPORT_FILE, report)
-    return report
-
-
-def _compress_streamed(model, model_dir, blocks, tmp, calib_set, config, dtype, max_shard_bytes, stream) -> dict:
-    """The block-by-block path of :func:`compress_model_dir`: weights read and written a block at a time."""
-    from .checkpoint import CheckpointReader, ShardWriter
-    from .engine import CheckpointWeights, Engine
-    from .io import write_config_and_tokenizer, write_plan
-
-    t0 = time.perf_counter()
-    base, params_before = describe_model(model), count_parameters(model)
-    source = CheckpointWeights(CheckpointReader(model_dir), dtype, getattr(model, "base_model_prefix", ""))
-    _load_outside_blocks(model, source, blocks, stream["device"])
-    writer = ShardWriter(tmp, max_shard_bytes)
-    stream["progress"](f"compressing {len(blocks)} blocks of {blocks.path} one at a time on {stream['device']}")
-    engine = Engine(model, config, source=source, writer=writer, **stream)
-    spill = None
-    try:
-        budget = None
-        if config.param_ratio is not None:
-            from .budget import streamed_survey
-            from .checkpoint import FactorSpill
-
-            if config.calibration == "independent":  # the survey's factors are the answer, once truncated
-                spill = FactorSpill(tmp / SPILL_DIR)
-                stream["progress"](
-                    f"surveying {len(blocks)} blocks for the parameter budget (spectra and factors, then sensitivities)"
-                )
-            else:
-                stream["progress"](
-                    f"surveying {len(blocks)} blocks for the parameter budget (spectra, then sensitivities)"
-                )
-            batches = list(calib_set.batches())
-            surveyed = streamed_survey(engine, batches, blocks, spill=spill)
-            budget = plan_budget(model, batches, config, [], surveyed=surveyed)
-            engine.ranks = budget.ranks
-        if spill is not None:
-            result = engine.write_kept(blocks, spill)
-            budget.report["spilled_bytes"] = spill.bytes_written
-        else:
-            result = engine.run(calib_set.batches(), blocks)
-        tied = engine.write_rest(blocks)
-        writer.close()
-    except BaseException:
-        writer.abort()  # the open shard file; the caller removes the directory
-        raise
-    finally:
-        if spill is not None:
-            spill.close()
-    plan = Plan(config=config, groups=result.groups, warnings=result.warnings, base_model=base)
-    saved = sum(g.dense_params - g.factor_params for g in plan.factorized_groups)
-    write_config_and_tokenizer(tmp, model, plan, model_dir)
-    write_plan(tmp, plan, tied, None)
-    return build_report(
-        plan,
-        params_before=params_before,
-        params_after=params_before - saved,
-        calibration={"batches": result.calibration_batches},
-        timings={"compress_s": round(time.perf_counter() - t0, 3), "blocks_s": result.timings["blocks_s"]},
-        streamed=True,
-    ) | ({"budget": budget.report} if budget is not None else {})
-
-
-def _targets_outside(model: nn.Module, config: LordConfig, blocks: Any) -> bool:
-    """Whether any targeted layer lies outside the repeated blocks (e.g. a targeted LM head)."""
-    prefix = blocks.path + "."
-    return any(not n.startswith(prefix) for n in select_targets(model, config.targets, config.exclude))
-
-
-def _with_packing(data: CalibrationOptions | None, model_dir: Path, trust_remote_code: bool) -> CalibrationOptions:
-    """``data`` with ``packing`` decided from the model's config when it was left open."""
-    import dataclasses
-
-    from transformers import AutoConfig
-
-    from .data import uses_packing
-
-    data = data or CalibrationOptions()
-    if data.packing is not None:
-        return data
-    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    return dataclasses.replace(data, packing=uses_packing(config))
-
-
-def _load_outside_blocks(model: nn.Module, source: Any, blocks: Any, device: torch.device | str) -> None:
-    """Read every tensor outside the blocks (embeddings, final norm, head) onto ``device``; re-tie."""
-    prefix = blocks.path + "."
-    names = {n: n for n in model.state_dict() if not n.startswith(prefix)}
-    missing = source.load_into(model, names, device)
-    if missing and hasattr(model, "tie_weights"):
-        model.tie_weights()
-    for name, module in model.named_modules():
-        if name == blocks.path or name.startswith(prefix):
-            continue
-        for pname, p in module.named_parameters(recurse=False):
-            if p.is_meta:
-                raise UsageError(f"the checkpoint lacks {name + '.' if name else ''}{pname}")
-        for bname, buf in list(module._buffers.items()):
-            if buf is not None and not buf.is_meta:
-                module._buffers[bname] = buf.to(device)
-
-
-def _check_disk_space(out: Path, needed: int, spills: bool = False) -> None:
-    """UsageError when the output's file system has less free space than ``needed``: the dense
-    weights' size, twice that when a parameter budget parks its factors on disk (``spills``)."""
-    parent = out.absolute().parent
-    if not parent.is_dir():
-        raise UsageError(f"the parent directory of output {str(out)!r} does not exist")
-    free = shutil.disk_usage(parent).free
-    if needed > free:
-        raise UsageError(
-            f"the output may need up to {needed / 1e9:.2f} GB ("
-            + ("twice the dense weights: the parameter budget parks factors on disk" if spills else "the dense weights")
-            + f") but {parent} has {free / 1e9:.2f} GB free"
-        )

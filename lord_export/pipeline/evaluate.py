@@ -1,4 +1,5 @@
-"""Perplexity of a causal LM on documents (windows from :func:`lord_export.data.evaluation_windows`).
+"""Perplexity of a causal LM on documents (windows from :func:`lord_export.calibration.data.evaluation_windows`);
+the pipeline's own measure of a model (healing, the recipe's stage reports) and ``lord-export eval``'s.
 
 Windowing: every document is tokenized on its own, started with BOS when the tokenizer has one,
 and cut into non-overlapping windows of at most ``window`` tokens (stride = window); each window
@@ -17,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..device import model_device
 from ..errors import UsageError
-from ..hf import model_device
 
 
 @dataclass

@@ -1,36 +1,48 @@
-"""The planner: from a dense model and its calibration statistics to a :class:`~lord_export.plan.Plan`.
+"""The planner: from a model's layers and their input statistics to LoRD groups and factors.
 
-Three steps per group of layers that read the same input:
+Per group of layers that read the same input, three steps, each in one place:
 
 1. :func:`build_groups` partitions the targeted layers (shared input + same parent module);
-2. :func:`describe_group` fixes the structure: members, stacked shape, rank from the config, and
-   whether factorizing saves parameters (parity) — no tensor math yet;
-3. :func:`factorize_group` computes the factors in closed form (:mod:`lord_export.factorize`)
-   from the group's input statistics and fills in its error against the closed-form bound.
+2. :func:`describe_group` fixes the structure: members, stacked shape, rank (from an allocation,
+   an override or the rank reduction), and whether factorizing saves parameters (parity) — no
+   tensor math yet;
+3. a factor source computes the group's factor tensors: the closed form of the configured method
+   (:func:`closed_form`, methods registered in :data:`lord_export.core.factorize.METHODS`), a
+   truncation of factors kept at a larger rank (:func:`truncated`), or the error-compensating
+   forms of staged calibration (:func:`factorize_group_on_compressed`).
 
-:func:`make_plan` runs the three over a whole model.
+:func:`compress_groups` is THE loop over groups — describe, factorize, swap into the module — that
+every path uses (whole model, block by block, surveys' write pass, staged stages); :func:`make_plan`
+runs it over a whole model without swapping. :func:`survey_groups` is the survey's per-group pass
+(error curves and kept factors for the allocation), on the same groups and descriptions.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import factorize as fz
-from .calibrate import Calibration, InputStats
-from .config import LordConfig
-from .errors import PlanError
-from .fingerprint import describe_model
-from .plan import Group, Member, Plan
-from .targets import dense_weight, find_linears, linear_info, pattern_matches
+from ..calibration.statistics import Calibration, InputStats
+from ..config import LordConfig
+from ..core import factorize as fz
+from ..core.allocate import GroupCurve
+from ..core.apply import apply_group
+from ..core.fingerprint import describe_model
+from ..core.plan import Group, Member, Plan
+from ..core.targets import dense_weight, find_linears, linear_info, pattern_matches
+from ..errors import PlanError
 
 log = logging.getLogger(__name__)
+
+#: A factor source: (the root's modules by name, a factorized group) → the group's state-dict tensors
+#: (see :func:`group_tensors`); it fills the group's error fields.
+FactorSource = Callable[[Mapping[str, nn.Module], Group], dict[str, torch.Tensor]]
 
 
 def parent_of(name: str) -> str:
@@ -94,12 +106,12 @@ def describe_group(
         factorized=True,
         calibration_tokens=tokens,
     )
-    full_name = group.renamed(prefix).name if prefix else group.name
-    override = override_for(group.renamed(prefix) if prefix else group, config.overrides)
-    if ranks is not None and full_name in ranks and override is None:
-        if ranks[full_name] is None:
+    full = group.renamed(prefix) if prefix else group
+    override = override_for(full, config.overrides)
+    if ranks is not None and full.name in ranks and override is None:
+        if ranks[full.name] is None:
             return _dense(group, "left dense by the allocation")
-        group.rank = ranks[full_name]
+        group.rank = ranks[full.name]
     elif override == "dense":
         return _dense(group, "left dense by an override")
     else:
@@ -129,37 +141,102 @@ def stacked_weight(modules: Mapping[str, nn.Module], group: Group) -> torch.Tens
     return torch.cat([dense_weight(modules[m.name]).double() for m in group.members], dim=0)
 
 
+def group_tensors(
+    modules: Mapping[str, nn.Module], group: Group, A: torch.Tensor, B: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """State-dict entries of a factorized group: its bottleneck B, each member's rows of A and bias,
+    in the layers' dtype."""
+    dtype = modules[group.members[0].name].weight.dtype
+    tensors = {f"{group.bottleneck_name}.weight": B.to(dtype).contiguous()}
+    for m in group.members:
+        tensors[f"{m.name}.weight"] = A[m.row_start : m.row_end].to(dtype).contiguous()
+        bias = getattr(modules[m.name], "bias", None)
+        if bias is not None:
+            tensors[f"{m.name}.bias"] = bias.detach().clone()
+    return tensors
+
+
+def compress_groups(
+    root: nn.Module,
+    groups: Iterable[list[str]],
+    config: LordConfig,
+    factors: FactorSource,
+    *,
+    tokens: Callable[[list[str]], int] = lambda names: 0,
+    ranks: Mapping[str, int | None] | None = None,
+    prefix: str = "",
+    modules: Mapping[str, nn.Module] | None = None,
+    swap: bool = True,
+) -> tuple[list[Group], dict[str, torch.Tensor]]:
+    """Every group from layer names to LoRD modules: describe it, compute its factors, swap them in.
+
+    ``groups`` are lists of layer names relative to ``root`` (the model, or a block named
+    ``prefix``); ``modules`` are the dense layers to read (default: ``root``'s own — staged
+    calibration reads a dense copy of the block while it swaps into the block itself). Groups left
+    dense (parity, an override, the allocation) are described and kept as they are. With ``swap``
+    False nothing is swapped (the caller applies a plan later). Returns the groups (names relative
+    to ``root``) and their factor tensors.
+    """
+    modules = dict(root.named_modules()) if modules is None else modules
+    described: list[Group] = []
+    tensors: dict[str, torch.Tensor] = {}
+    for names in groups:
+        group = describe_group(modules, names, config, tokens=tokens(names), ranks=ranks, prefix=prefix)
+        if group.factorized:
+            group_factors = factors(modules, group)
+            if swap:
+                apply_group(root, group, group_factors)
+            tensors.update(group_factors)
+        described.append(group)
+    return described, tensors
+
+
+# --------------------------------------------------------------------------------- factor sources
+def closed_form(calibration: Calibration, method: str, cache: dict | None = None) -> FactorSource:
+    """Factors of the configured method from each group's input statistics in ``calibration``.
+
+    ``cache`` (any dict, shared across calls on the same calibration) keeps each group's
+    rank-independent decomposition by group name, so factorizing at several ranks decomposes once.
+    """
+
+    def source(modules: Mapping[str, nn.Module], group: Group) -> dict[str, torch.Tensor]:
+        return factorize_group(modules, group, calibration.of(group.members[0].name), method, cache)
+
+    return source
+
+
 def factorize_group(
     modules: Mapping[str, nn.Module], group: Group, stats: InputStats, method: str, cache: dict | None = None
 ) -> dict[str, torch.Tensor]:
-    """Factor tensors of ``group`` (state-dict names → tensors in the layers' dtype); fills its errors.
-
-    ``cache`` (any dict, shared across calls) keeps each group's rank-independent decomposition,
-    so factorizing the same statistics at several ranks decomposes once.
-    """
-    W, C, f, A, B = _factors(modules, group, stats, method, group.rank, cache)
+    """Factor tensors of ``group`` at its rank (state-dict names → tensors in the layers' dtype); fills
+    its errors (measured, and the closed-form bound)."""
+    W, C, f = _factors(modules, group, stats, method, group.rank, cache)
+    tensors = group_tensors(modules, group, f.A, f.B)
+    A, B = _stored(tensors, group)
     group.relative_error = fz.relative_error(W, A, B, C, total=float(f.spectrum.sum()))
     group.optimal_relative_error = fz.optimal_relative_error(f.spectrum, group.rank)
-    return group_tensors(modules, group, A, B)
+    return tensors
+
+
+def _stored(tensors: Mapping[str, torch.Tensor], group: Group) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) as stored (the layers' dtype): the factors whose error the report gives."""
+    A = torch.cat([tensors[f"{m.name}.weight"] for m in group.members], dim=0)
+    return A, tensors[f"{group.bottleneck_name}.weight"]
 
 
 def _factors(
     modules: Mapping[str, nn.Module], group: Group, stats: InputStats, method: str, rank: int, cache: dict | None = None
-) -> tuple[torch.Tensor, torch.Tensor, fz.Factors, torch.Tensor, torch.Tensor]:
-    """(W, C, float64 factors, A and B in the layers' dtype) of ``group`` at ``rank``."""
-    weight = modules[group.members[0].name].weight
+) -> tuple[torch.Tensor, torch.Tensor, fz.Factors]:
+    """(W, C, float64 factors) of ``group`` at ``rank`` with ``method``."""
     W = stacked_weight(modules, group)
     C = stats.C.to(W.device)
-    if method == "lord":
-        key = (group.name, "lord")
-        if cache is not None and key not in cache:
-            cache[key] = fz.output_spectrum(W, C)
-        f = fz.lord(W, C, rank, decomposition=cache.get(key) if cache is not None else None)
-    elif method == "svd":
-        f = fz.svd(W, rank, C)
-    else:
-        f = fz.asvd(W, stats.mean_abs.to(W.device), rank, C)
-    return W, C, f, f.A.to(weight.dtype), f.B.to(weight.dtype)
+    decomposition = None
+    if cache is not None:
+        if group.name not in cache:
+            cache[group.name] = fz.output_spectrum(W, C)
+        decomposition = cache[group.name]
+    f = fz.METHODS[method](W, C, stats.mean_abs.to(W.device), rank, decomposition=decomposition)
+    return W, C, f
 
 
 @dataclass
@@ -189,9 +266,24 @@ def keep_factors(
     modules: Mapping[str, nn.Module], group: Group, stats: InputStats, method: str, rank: int
 ) -> KeptFactors:
     """``group``'s factors at ``rank`` with the error of every truncation (:class:`KeptFactors`)."""
-    W, C, f, A, B = _factors(modules, group, stats, method, rank)
+    W, C, f = _factors(modules, group, stats, method, rank)
+    dtype = modules[group.members[0].name].weight.dtype
+    A, B = f.A.to(dtype), f.B.to(dtype)
     errors = fz.relative_errors_by_rank(W, A, B, C, total=float(f.spectrum.sum()))
     return KeptFactors(A, B, errors, f.spectrum)
+
+
+def truncated(kept: Mapping[str, KeptFactors]) -> FactorSource:
+    """Factors cut from ``kept`` (group name relative to the root → factors at a larger rank): the
+    same factors a calibration at the group's rank gives (:class:`KeptFactors`)."""
+
+    def source(modules: Mapping[str, nn.Module], group: Group) -> dict[str, torch.Tensor]:
+        factors = kept.get(group.name)
+        if factors is None:
+            raise PlanError(f"{group.name}: no factors were kept for rank {group.rank}")
+        return truncated_group_tensors(modules, group, factors)
+
+    return source
 
 
 def truncated_group_tensors(
@@ -220,25 +312,18 @@ def factorize_group_on_compressed(
 
     ``G`` holds X̂X̂ᵀ (and Σ|x̂| for ASVD), ``Cxx`` holds X Xᵀ, ``H`` = X X̂ᵀ. ``compensate=False``
     ("sequential") fits W on X̂ (LoRD with C = G); ``compensate=True`` fits the dense output W X
-    from X̂ (LoRD of W_eff = W H G⁻¹ under G, :func:`lord_export.factorize.compensated_weight`).
+    from X̂ (LoRD of W_eff = W H G⁻¹ under G, :func:`lord_export.core.factorize.compensated_weight`).
     Fills ``relative_error``/``optimal_relative_error`` (the objective of the mode) and
     ``dense_output_error``/``dense_output_bound`` (‖W X − A B X̂‖ / ‖W X‖, and its minimum over
-    rank-r factors, exact: :func:`lord_export.factorize.best_output_error`).
+    rank-r factors, exact: :func:`lord_export.core.factorize.best_output_error`).
     """
-    weight = modules[group.members[0].name].weight
     W = stacked_weight(modules, group)
     device = W.device
     Gm, Cm, Hm = G.C.to(device), Cxx.C.to(device), H.to(device)
-    W_eff = fz.compensated_weight(W, Gm, Hm)
-    target = W_eff if compensate else W
-    if method == "lord":
-        f = fz.lord(target, Gm, group.rank)
-    elif method == "svd":
-        f = fz.svd(target, group.rank, Gm)
-    else:
-        f = fz.asvd(target, G.mean_abs.to(device), group.rank, Gm)
-    A = f.A.to(weight.dtype)
-    B = f.B.to(weight.dtype)
+    target = fz.compensated_weight(W, Gm, Hm) if compensate else W
+    f = fz.METHODS[method](target, Gm, G.mean_abs.to(device), group.rank)
+    tensors = group_tensors(modules, group, f.A, f.B)
+    A, B = _stored(tensors, group)
     err, total = fz.output_error(W, A, B, Cm, Hm, Gm)
     best = fz.best_output_error(W, Gm, Hm, total, group.rank)
     group.dense_output_error = math.sqrt(err / total) if total > 0 else 0.0
@@ -248,22 +333,75 @@ def factorize_group_on_compressed(
     else:
         group.relative_error = fz.relative_error(W, A, B, Gm, total=float(f.spectrum.sum()))
         group.optimal_relative_error = fz.optimal_relative_error(f.spectrum, group.rank)
-    return group_tensors(modules, group, A, B)
-
-
-def group_tensors(
-    modules: Mapping[str, nn.Module], group: Group, A: torch.Tensor, B: torch.Tensor
-) -> dict[str, torch.Tensor]:
-    """State-dict entries of a factorized group: its bottleneck B, each member's rows of A and bias."""
-    tensors = {f"{group.bottleneck_name}.weight": B.contiguous()}
-    for m in group.members:
-        tensors[f"{m.name}.weight"] = A[m.row_start : m.row_end].contiguous()
-        bias = getattr(modules[m.name], "bias", None)
-        if bias is not None:
-            tensors[f"{m.name}.bias"] = bias.detach().clone()
     return tensors
 
 
+# ------------------------------------------------------------------------------ the survey's pass
+@dataclass
+class SurveyedGroups:
+    """What the survey learns about one block's (or model's) groups (see :func:`survey_groups`)."""
+
+    curves: list[GroupCurve] = field(default_factory=list)
+    fixed: dict[str, int | None] = field(default_factory=dict)  # overridden groups' ranks (None: dense)
+    fixed_removed: int = 0  # parameters the overridden groups remove
+    members: dict[str, list[str]] = field(default_factory=dict)  # curve name → its layers (relative)
+    kept: dict[str, KeptFactors] = field(default_factory=dict)  # relative group name → kept factors
+    decompositions: dict[str, tuple] = field(default_factory=dict)  # full group name → output_spectrum
+
+
+def survey_groups(
+    modules: Mapping[str, nn.Module],
+    groups: Iterable[list[str]],
+    calibration: Calibration,
+    config: LordConfig,
+    *,
+    prefix: str = "",
+    keep: bool = False,
+    decompose: bool = False,
+) -> SurveyedGroups:
+    """The allocation's view of each group: its error curve (the output spectrum), or its fixed rank
+    when an override names it.
+
+    With ``keep`` each group is also factorized at the largest rank any allocation can give it (its
+    override's rank for a fixed group), so that a later pass only truncates (:func:`truncated`); with
+    ``decompose`` the full eigendecomposition is kept for a later :func:`closed_form` (in memory).
+    Otherwise only eigenvalues are computed.
+    """
+    out = SurveyedGroups()
+    for names in groups:
+        stats = calibration.of(names[0])
+        group = describe_group(modules, names, config, ranks={}, prefix=prefix)
+        full = group.renamed(prefix) if prefix else group
+        if override_for(full, config.overrides) is not None:
+            out.fixed[full.name] = group.rank if group.factorized else None
+            out.fixed_removed += group.dense_params - group.factor_params if group.factorized else 0
+            keep_rank = group.rank if group.factorized else None
+            curve = None
+        else:
+            kind = ",".join(m.name.rsplit(".", 1)[-1] for m in group.members)
+            curve = GroupCurve(full.name, kind, group.d_in, group.d_out, torch.empty(0))
+            candidates = curve.ranks(config.rank_multiple)
+            keep_rank = candidates[0] if candidates else None  # the largest rank any allocation gives
+            out.curves.append(curve)
+            out.members[full.name] = names
+        factors = None
+        if keep and keep_rank is not None:
+            factors = out.kept[group.name] = keep_factors(modules, group, stats, config.method, keep_rank)
+        if curve is None:
+            continue
+        if factors is not None:
+            curve.spectrum = factors.spectrum.cpu()
+        else:
+            W = stacked_weight(modules, group).to(stats.C.device)
+            if decompose:
+                out.decompositions[full.name] = fz.output_spectrum(W, stats.C)
+                curve.spectrum = out.decompositions[full.name][0].cpu()
+            else:
+                curve.spectrum = fz.output_eigenvalues(W, stats.C).cpu()
+    return out
+
+
+# -------------------------------------------------------------------------------- a whole model
 def make_plan(
     model: nn.Module,
     calibration: Calibration,
@@ -275,31 +413,34 @@ def make_plan(
     ranks: Mapping[str, int | None] | None = None,
     base_model: dict[str, Any] | None = None,
 ) -> Plan:
-    """Factorize every group of ``layers`` with ``config.method`` and return the plan with factors.
+    """Factorize every group of ``layers`` with ``config.method`` and return the plan with factors
+    (the model is not changed; :func:`lord_export.apply_plan` swaps the modules).
 
-    ``cache``: see :func:`factorize_group` (for several plans from one calibration). ``base_model``:
+    ``cache``: see :func:`closed_form` (for several plans from one calibration). ``base_model``:
     the dense model's :func:`describe_model`, when the caller took it already (it reads every weight).
     """
-    modules = dict(model.named_modules())
     linears = find_linears(model)
     unknown = [n for n in layers if n not in linears]
     if unknown:
         raise PlanError(f"layers {unknown[:5]} are not linear layers of this model")
-    member_groups = build_groups(layers, calibration.input_of, config.grouping)
-    it: Any = member_groups
+    groups: Any = build_groups(layers, calibration.input_of, config.grouping)
     if progress:
         from tqdm.auto import tqdm
 
-        it = tqdm(member_groups, desc="factorize", unit="group")
-    groups: list[Group] = []
-    tensors: dict[str, torch.Tensor] = {}
-    for names in it:
-        stats = calibration.of(names[0])
-        group = describe_group(modules, names, config, tokens=stats.tokens, ranks=ranks)
-        if group.factorized:
-            tensors.update(factorize_group(modules, group, stats, config.method, cache))
-        groups.append(group)
-    warnings = list(calibration.warnings)
+        groups = tqdm(groups, desc="factorize", unit="group")
+    described, tensors = compress_groups(
+        model,
+        groups,
+        config,
+        closed_form(calibration, config.method, cache),
+        tokens=lambda names: calibration.of(names[0]).tokens,
+        ranks=ranks,
+        swap=False,
+    )
     return Plan(
-        config=config, groups=groups, warnings=warnings, base_model=base_model or describe_model(model), tensors=tensors
+        config=config,
+        groups=described,
+        warnings=list(calibration.warnings),
+        base_model=base_model or describe_model(model),
+        tensors=tensors,
     )

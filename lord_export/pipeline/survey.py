@@ -1,19 +1,18 @@
 """From a parameter budget to per-group ranks: the spectra-first pass before compression.
 
 ``param_ratio`` needs every group's error curve before any rank is fixed, so compression runs in
-two passes: this survey (whole-model calibration on the dense model, one output-spectrum
-decomposition per group — the decompositions are kept, so the independent-calibration pass that
-follows reuses them — and, for the ``fisher`` allocation, a backward pass over the first
-calibration batches to measure each group's sensitivity), then the allocation
-(:mod:`lord_export.allocate`), then the compression itself with the chosen ranks (any calibration
-mode). Groups named by ``config.overrides`` keep their override and count against the budget as
-fixed.
+two passes: this survey (calibration of the dense model, one output-spectrum decomposition per
+group and, for the ``fisher`` allocation, the loss's sensitivity to each group's output:
+:mod:`lord_export.pipeline.sensitivity`), then the allocation (:mod:`lord_export.core.allocate`),
+then the compression itself with the chosen ranks (any calibration mode). Groups named by
+``config.overrides`` keep their override and count against the budget as fixed.
 
-For a model read from its checkpoint one block at a time, :func:`streamed_survey` does the same
-with one block in memory (:meth:`lord_export.engine.Engine.survey`). With independent calibration it
-also factorizes every group at the largest rank an allocation can give it and parks those factors
-on disk, so the compression that follows only truncates them (one calibration pass in all); the
-other modes calibrate again at the allocated ranks.
+In memory (:func:`survey`) the decompositions are kept, so an independent-calibration compression
+that follows reuses them. Block by block (:func:`streamed_survey`) statistics and decompositions
+are freed with each block; with independent calibration every group is also factorized at the
+largest rank an allocation can give it and the factors are parked on disk, so the compression that
+follows only truncates them (one calibration pass in all); the other modes calibrate again at the
+allocated ranks.
 """
 
 from __future__ import annotations
@@ -27,40 +26,25 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import factorize as fz
-from .allocate import GroupCurve, allocate, predicted_loss
-from .calibrate import Calibration, batch_kwargs, calibrating, warn_few_tokens
-from .config import LordConfig
-from .errors import TargetError, UsageError
-from .fingerprint import count_parameters
-from .hf import model_device
-from .planner import build_groups, describe_group, override_for, stacked_weight
-from .targets import pattern_matches, select_targets
+from ..calibration.blocks import run_block
+from ..calibration.statistics import Calibration, Calibrator, batch_kwargs, calibrating, exact_matmuls, warn_few_tokens
+from ..config import LordConfig
+from ..core.allocate import GroupCurve, allocate, predicted_loss
+from ..core.fingerprint import count_parameters
+from ..core.targets import pattern_matches, select_targets
+from ..device import model_device
+from ..errors import TargetError, UsageError
+from .planner import build_groups, survey_groups
+from .sensitivity import (
+    SensitivityProbe,
+    check_causal_lm,
+    fisher_sensitivities,  # noqa: F401 (part of this module's API since 0.1)
+    lm_loss_sum,  # noqa: F401
+    sensitivity_batch_count,
+    streamed_sensitivities,
+)
 
 log = logging.getLogger(__name__)
-
-#: Tokens the Fisher sensitivity pass uses: the first calibration batches up to at least this many
-#: (whole batches, at least one), and at most :data:`SENSITIVITY_SHARE` of all calibration tokens.
-#: Its backward costs about two calibration forwards per token, and per-group means of squared
-#: gradients settle on a few thousand tokens; the share keeps the pass small next to a small
-#: calibration set (SmolLM2's 4,096 tokens: the backward over all of them added 63%).
-SENSITIVITY_TOKENS = 4096
-SENSITIVITY_SHARE = 0.25
-
-
-def sensitivity_batch_count(
-    batches: Sequence[dict[str, torch.Tensor]], max_tokens: int = SENSITIVITY_TOKENS, share: float = SENSITIVITY_SHARE
-) -> int:
-    """How many leading batches the Fisher pass uses: the fewest that hold
-    min(``max_tokens``, ``share`` × all tokens) tokens (at least one batch)."""
-    sizes = [int(batch["input_ids"].numel()) for batch in batches]
-    target = min(max_tokens, share * sum(sizes))
-    tokens = 0
-    for i, size in enumerate(sizes):
-        tokens += size
-        if tokens >= target:
-            return i + 1
-    return len(batches)
 
 
 @dataclass
@@ -71,98 +55,6 @@ class Budget:
     calibration: Calibration
     cache: dict
     report: dict[str, Any] = field(default_factory=dict)
-
-
-def check_causal_lm(model: nn.Module) -> None:
-    """UsageError unless ``model`` is a causal LM (the fisher allocation differentiates its LM loss)."""
-    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if embed is None or not hasattr(model, "lm_head") and "CausalLM" not in type(model).__name__:
-        raise UsageError("the fisher allocation needs a causal language model (use allocation 'spectrum')")
-
-
-def lm_loss_sum(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed next-token cross-entropy over real tokens: the L of the Fisher sensitivities."""
-    ids = batch["input_ids"]
-    mask = batch.get("attention_mask", torch.ones_like(ids))
-    keep = mask[:, 1:].bool()
-    return torch.nn.functional.cross_entropy(logits[:, :-1][keep].float(), ids[:, 1:][keep], reduction="sum")
-
-
-class SensitivityProbe:
-    """Sums ‖∂L/∂y_t‖² over the output rows of every watched layer, one forward + backward per batch.
-
-    L is the summed next-token cross-entropy of the batch (padding masked). Parameters get no
-    gradients: the input embeddings' output is made to require grad instead, so memory stays that
-    of activations. Hooks live only during :meth:`run`, so the same model can run other forwards in
-    between (the survey folds the probe's batches into its calibration pass).
-    """
-
-    def __init__(self, model: nn.Module, layers: Sequence[str]):
-        check_causal_lm(model)
-        self.model = model
-        modules = dict(model.named_modules())
-        self.modules = {n: modules[n] for n in layers}
-        self.width = {
-            n: m.weight.shape[0] if isinstance(m, nn.Linear) else m.weight.shape[1] for n, m in self.modules.items()
-        }
-        self.sums = dict.fromkeys(self.modules, 0.0)
-        self.tokens = 0
-
-    def run(self, batch: dict[str, torch.Tensor]) -> None:
-        """One forward + backward of ``batch`` (moved to the model's device), gradients summed."""
-        model, device = self.model, model_device(self.model)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        handles = [model.get_input_embeddings().register_forward_hook(lambda mod, inp, out: out.requires_grad_())]
-        for name, module in self.modules.items():
-            handles.append(module.register_forward_hook(self._watch(name)))
-        requires = {n: p.requires_grad for n, p in model.named_parameters()}
-        try:
-            for p in model.parameters():
-                p.requires_grad_(False)
-            with torch.enable_grad():
-                logits = model(**batch, use_cache=False).logits
-                lm_loss_sum(logits, batch).backward()
-        finally:
-            for h in handles:
-                h.remove()
-            for n, p in model.named_parameters():
-                p.requires_grad_(requires[n])
-        self.tokens += int(batch.get("attention_mask", torch.ones_like(batch["input_ids"])).sum())
-
-    def _watch(self, name: str):
-        def hook(mod: nn.Module, inp: Any, out: torch.Tensor) -> None:
-            if out.requires_grad:
-                out.register_hook(lambda g: self._add(name, g))
-
-        return hook
-
-    def _add(self, name: str, g: torch.Tensor) -> None:
-        flat = g.detach().reshape(-1).float()
-        self.sums[name] += float(torch.dot(flat, flat))  # float32 BLAS dot: no float64 copy
-
-    def sensitivities(self, groups: dict[str, list[str]]) -> dict[str, float]:
-        """s_g = Σ_t ‖∂L/∂y_t‖² / (N · d_out) per group (``groups``: name → member layers)."""
-        out = {}
-        for g, members in groups.items():
-            width = sum(self.width[m] for m in members)
-            out[g] = sum(self.sums[m] for m in members) / (max(self.tokens, 1) * max(width, 1))
-        return out
-
-
-def fisher_sensitivities(
-    model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], groups: dict[str, list[str]]
-) -> dict[str, float]:
-    """s_g = Σ_t ‖∂L/∂y_t‖² / (N · d_out) per group (see :mod:`lord_export.allocate`), on the first
-    calibration batches holding :data:`SENSITIVITY_TOKENS` tokens (:class:`SensitivityProbe`)."""
-    probe = SensitivityProbe(model, [m for members in groups.values() for m in members])
-    was_training = model.training
-    try:
-        model.eval()
-        for batch in batches[: sensitivity_batch_count(batches)]:
-            probe.run(batch)
-    finally:
-        model.train(was_training)
-    return probe.sensitivities(groups)
 
 
 @dataclass
@@ -204,54 +96,132 @@ def survey(
                     cal.run_batch(model, batch_kwargs(batch, device))
     calibration = cal.result()
     warn_few_tokens(calibration)
-    modules = dict(model.named_modules())
-    fixed: dict[str, int | None] = {}
-    fixed_removed = 0
-    curves: list[GroupCurve] = []
-    members_of: dict[str, list[str]] = {}
-    cache: dict = {}
-    for names in build_groups(layers, calibration.input_of, config.grouping):
-        group = describe_group(modules, names, config, ranks={})
-        if override_for(group, config.overrides) is not None:
-            fixed[group.name] = group.rank if group.factorized else None
-            fixed_removed += group.dense_params - group.factor_params if group.factorized else 0
-            continue
-        W, C = stacked_weight(modules, group), calibration.of(names[0]).C
-        cache[(group.name, "lord")] = decomposition = fz.output_spectrum(W, C.to(W.device))
-        kind = ",".join(m.name.rsplit(".", 1)[-1] for m in group.members)
-        curves.append(GroupCurve(group.name, kind, group.d_in, group.d_out, decomposition[0]))
-        members_of[group.name] = names
-    if probe is not None and curves:
-        for c, s in zip(curves, probe.sensitivities(members_of).values(), strict=True):
+    groups = build_groups(layers, calibration.input_of, config.grouping)
+    surveyed = survey_groups(dict(model.named_modules()), groups, calibration, config, decompose=True)
+    if probe is not None and surveyed.curves:
+        for c, s in zip(surveyed.curves, probe.sensitivities(surveyed.members).values(), strict=True):
             c.sensitivity = s
     # sensitivity_s: the forward + backward of the probe's batches (their forward also calibrated)
     timings = {"survey_s": round(time.perf_counter() - t0 - probe_s, 3), "sensitivity_s": round(probe_s, 3)}
-    return Survey(curves, fixed_removed, fixed, count_parameters(model), calibration, cache, timings)
+    return Survey(
+        surveyed.curves,
+        surveyed.fixed_removed,
+        surveyed.fixed,
+        count_parameters(model),
+        calibration,
+        surveyed.decompositions,
+        timings,
+    )
 
 
 def streamed_survey(
     engine: Any, batches: Sequence[dict[str, torch.Tensor]], blocks: Any, *, spill: Any = None
 ) -> Survey:
-    """The survey of a model whose blocks are read one at a time (:meth:`lord_export.engine.Engine.survey`).
+    """The survey of a model whose blocks are read one at a time (:class:`lord_export.pipeline.engine.Engine`).
 
-    Same curves, sensitivities and fixed groups as :func:`survey`. Statistics and decompositions are
-    freed block by block; with ``spill`` (independent calibration) each group's factors at the
-    largest rank it can be given are kept there, and :meth:`~lord_export.engine.Engine.write_kept`
-    finishes the compression from them; without, compression calibrates again.
+    Same curves, sensitivities and fixed groups as :func:`survey`. Forward over the blocks: calibrate
+    each block on the dense stream and keep its groups' output spectra (statistics and decompositions
+    are freed with the block). With ``spill`` (a :class:`~lord_export.persist.checkpoint.FactorSpill`;
+    independent calibration) every group is also factorized at the largest rank any allocation can
+    give it and the factors are parked there, for :meth:`~lord_export.pipeline.engine.Engine.run`
+    to truncate. With ``fisher``, the inputs of every block for the first batches are kept too and the
+    sensitivities are measured block by block (:func:`lord_export.pipeline.sensitivity.streamed_sensitivities`).
     """
     config = engine.config
     layers = select_targets(engine.model, config.targets, config.exclude)
     check_overrides(config, layers)
-    outside = [n for n in layers if not n.startswith(blocks.path + ".")]
+    inside, outside = engine.layers_by_block(blocks)
     if outside:
         raise UsageError(f"the streamed survey covers the blocks only; {outside[0]!r} is outside them")
     fisher = config.allocation == "fisher"
     if fisher:
         check_causal_lm(engine.model)
-    curves, fixed, fixed_removed, timings = engine.survey(
-        batches, blocks, fisher=fisher, fisher_batches=sensitivity_batch_count(batches), spill=spill
-    )
-    return Survey(curves, fixed_removed, fixed, count_parameters(engine.model), None, {}, timings)
+    t0 = time.perf_counter()
+    result = StreamedSurvey()
+    with torch.no_grad(), exact_matmuls():
+        setup = engine.begin(batches, blocks, two=False)
+        n_fisher = min(sensitivity_batch_count(batches), len(setup.streams)) if fisher else 0
+        for i in range(len(blocks)):
+            t_block = time.perf_counter()
+            result.inputs.append(setup.streams.dense[:n_fisher])
+            block = engine.materialize(blocks, i)
+            try:
+                kept, meta = _survey_block(
+                    engine, block, blocks.name(i), inside[i], setup, spill is not None, i, result
+                )
+            finally:
+                engine.source.release(block)
+            if spill is not None:
+                spill.put(i, kept, {**meta, "seconds": time.perf_counter() - t_block})
+            engine.say(f"survey: block {i + 1}/{len(blocks)} ({time.perf_counter() - t_block:.1f} s)")
+    t1 = time.perf_counter()
+    if n_fisher:
+        engine.say(f"sensitivities: the loss's gradient carried back through {len(blocks)} blocks")
+        sums = streamed_sensitivities(
+            engine.model,
+            blocks,
+            engine.source,
+            engine.device,
+            setup.streams,
+            result.inputs,
+            setup.calls,
+            batches,
+            setup.template,
+            result.members,
+        )
+        tokens = sum(
+            int(c.mask.sum()) if c.mask is not None else setup.streams.dense[b].shape[:2].numel()
+            for b, c in enumerate(setup.calls[0][:n_fisher])
+        )
+        for c in result.curves:
+            c.sensitivity = sums.get(c.name, 0.0) / (max(tokens, 1) * max(c.d_out, 1))
+    timings = {"survey_s": round(t1 - t0, 3), "sensitivity_s": round(time.perf_counter() - t1, 3)}
+    total = count_parameters(engine.model)
+    return Survey(result.curves, result.fixed_removed, result.fixed, total, None, {}, timings)
+
+
+@dataclass
+class StreamedSurvey:
+    """What :func:`streamed_survey` collects block by block."""
+
+    curves: list[GroupCurve] = field(default_factory=list)
+    fixed: dict[str, int | None] = field(default_factory=dict)
+    fixed_removed: int = 0
+    members: list[dict[str, list[str]]] = field(default_factory=list)  # per block: curve name → layers
+    inputs: list[list[torch.Tensor]] = field(default_factory=list)  # per block: the fisher batches' inputs
+
+
+def _survey_block(engine, block, prefix, local, setup, keep, i, result: StreamedSurvey) -> tuple[dict, dict]:
+    """Calibrate block ``i`` on the dense stream (advancing it) and survey its groups into ``result``;
+    returns what the spill keeps of the block: (kept factor tensors, their description)."""
+    streams = setup.streams
+    with Calibrator(block, local, batch_hooks=False, stats_device=engine.stats_device) as cal:
+        for b, call in enumerate(setup.calls[i]):
+            cal.begin_batch(call.mask)
+            streams.dense[b] = streams.park(run_block(block, streams.load(streams.dense[b]), call))
+            cal.end_batch()
+    members: dict[str, list[str]] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict[str, Any] = {"groups": [], "kept": []}
+    if local:
+        calibration = cal.result()
+        if keep:
+            warn_few_tokens(calibration)
+            engine._add_warnings(calibration.warnings)
+        groups = build_groups(local, calibration.input_of, engine.config.grouping)
+        surveyed = survey_groups(
+            dict(block.named_modules()), groups, calibration, engine.config, prefix=prefix, keep=keep
+        )
+        result.curves.extend(surveyed.curves)
+        result.fixed.update(surveyed.fixed)
+        result.fixed_removed += surveyed.fixed_removed
+        members = surveyed.members
+        meta["groups"] = [(names, calibration.of(names[0]).tokens) for names in groups]
+        meta["kept"] = list(surveyed.kept)
+        for name, factors in surveyed.kept.items():
+            tensors.update({f"{name}|{k}": v for k, v in factors.tensors().items()})
+    result.members.append(members)
+    return tensors, meta
 
 
 def plan_budget(

@@ -1,0 +1,54 @@
+"""Progress lines with elapsed time and an estimate of what is left, for phases longer than a few seconds.
+
+The library reports through a ``say(message)`` callback (the command line prints it; the Python API
+stays quiet unless given one): ``survey: block 3/30 (2.1 s, 6 s elapsed, about 57 s left)``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+Say = Callable[[str], None]
+
+
+def quiet(message: str) -> None:
+    """The ``say`` of a caller that wants no progress lines."""
+
+
+def seconds(s: float) -> str:
+    """``s`` for humans: 4.2 s, 3 min 05 s, 1 h 02 min."""
+    if s < 60:
+        return f"{s:.1f} s"
+    if s < 3600:
+        return f"{int(s // 60)} min {int(s % 60):02d} s"
+    return f"{int(s // 3600)} h {int(s % 3600 // 60):02d} min"
+
+
+class Progress:
+    """Counts the steps of one phase and says, after each, how long it took, the time elapsed and an
+    estimate of the time left (from the mean step so far)."""
+
+    def __init__(self, say: Say | None, phase: str, total: int, unit: str = "") -> None:
+        self.say = say or quiet
+        self.phase, self.total, self.unit = phase, total, unit
+        self.start = self.last = time.perf_counter()
+        self.done = 0
+
+    def step(self, detail: str = "", n: int = 1) -> float:
+        """One (or ``n``) more step(s) done; returns the seconds since the previous step."""
+        now = time.perf_counter()
+        took, self.last = now - self.last, now
+        self.done += n
+        elapsed = now - self.start
+        left = elapsed / self.done * (self.total - self.done) if self.done else 0.0
+        unit = f" {self.unit}" if self.unit else ""
+        timing = f"{seconds(took)}, {seconds(elapsed)} elapsed"
+        if self.done < self.total:
+            timing += f", about {seconds(left)} left"
+        self.say(f"{self.phase}:{unit} {self.done}/{self.total}{' ' + detail if detail else ''} ({timing})")
+        return took
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
