@@ -12,6 +12,7 @@ from .core.factorize import METHODS
 from .errors import UsageError
 
 CALIBRATION_MODES = ("independent", "sequential", "compensating")
+REFINE_MODES = ("none", "block")
 #: The default calibration mode, chosen from the measurements in benchmarks/RESULTS.md.
 DEFAULT_CALIBRATION = "independent"
 
@@ -142,6 +143,17 @@ class LordConfig:
         },
     )
 
+    refine: str = field(
+        default="none",
+        metadata={
+            "help": "block: after each block's closed form, fit its LoRD parameters so that the block fed the "
+            "compressed model's activations reproduces the dense block's output (Adam, early-stopped on held-out "
+            "calibration batches; see lord_export.pipeline.refine); none: the closed form alone"
+        },
+    )
+    refine_steps: int = field(default=64, metadata={"help": "at most this many refinement steps per block"})
+    refine_lr: float = field(default=1e-4, metadata={"help": "the refinement's learning rate (Adam)"})
+
     def __post_init__(self) -> None:
         if isinstance(self.targets, str):
             self.targets = (self.targets,)
@@ -166,6 +178,13 @@ class LordConfig:
             raise UsageError(
                 f"unknown calibration mode {self.calibration!r}; choose one of {', '.join(CALIBRATION_MODES)}"
             )
+        if self.refine not in REFINE_MODES:
+            raise UsageError(f"unknown refinement {self.refine!r}; choose one of {', '.join(REFINE_MODES)}")
+        if int(self.refine_steps) < 1 or not float(self.refine_lr) > 0:
+            raise UsageError(
+                f"refinement needs steps >= 1 and a learning rate > 0, got {self.refine_steps}, {self.refine_lr}"
+            )
+        self.refine_steps, self.refine_lr = int(self.refine_steps), float(self.refine_lr)
         if int(self.rank_multiple) < 1:
             raise UsageError(f"rank multiple must be >= 1, got {self.rank_multiple!r}")
         self.rank_multiple = int(self.rank_multiple)

@@ -52,3 +52,24 @@ class Progress:
     @property
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
+
+
+class StageTimes(dict):
+    """Seconds per stage, summed over a run: ``with times("calibrate_s"): ...``."""
+
+    def __call__(self, stage: str):
+        return _Timed(self, stage)
+
+    def rounded(self) -> dict[str, float]:
+        return {k: round(v, 3) for k, v in self.items()}
+
+
+class _Timed:
+    def __init__(self, times: StageTimes, stage: str) -> None:
+        self.times, self.stage = times, stage
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.times[self.stage] = self.times.get(self.stage, 0.0) + time.perf_counter() - self.start

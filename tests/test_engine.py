@@ -467,7 +467,9 @@ def test_a_write_that_fails_midway_leaves_no_output(tiny_llama_dir, code_corpus,
         preexec_fn=limit_files,
     )
     assert proc.returncode == 1 and "File too large" in proc.stderr, proc.stderr
-    assert not out.exists() and not list(tmp_path.glob(".lord*"))
+    # nothing that looks finished: only the hidden partial output, kept for --resume, and the CLI says so
+    assert not out.exists() and [p.name for p in tmp_path.glob(".lord*")] == [".lord.lord-partial"]
+    assert "--resume" in proc.stderr
 
 
 def test_an_interrupted_run_leaves_no_output(tiny_llama_dir, code_corpus, tmp_path):
@@ -487,7 +489,8 @@ def test_an_interrupted_run_leaves_no_output(tiny_llama_dir, code_corpus, tmp_pa
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
-    assert not out.exists() and not list(tmp_path.glob(".lord*"))
+    assert not out.exists() and [p.name for p in tmp_path.glob(".lord*")] == [".lord.lord-partial"]
+    assert "--resume" in err
 
 
 def test_statistics_stay_in_float64_where_the_device_has_it():

@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import lord_export
 from lord_export.core import factorize as fz
 
 
@@ -170,3 +171,58 @@ def test_errors_of_every_truncation_equal_relative_error_at_each_rank(d_out, d_i
         bounds = [fz.optimal_relative_error(f.spectrum, r) for r in range(1, top + 1)]
         torch.testing.assert_close(errors, torch.tensor(bounds, dtype=torch.float64), rtol=1e-6, atol=1e-7)
         assert float(errors[-1]) < 1e-6
+
+
+def _tall_groups(arch):
+    """(W, C) of every tall group (d_out > d_in: the Gram form's case) of a tiny model, from its calibration."""
+    from lord_export.pipeline.planner import build_groups, describe_group, stacked_weight
+    from tests.helpers import correlated_batches, tiny_model
+
+    model = tiny_model(arch, torch.float64)
+    layers = lord_export.select_targets(model, ("all",))
+    cal = lord_export.calibrate(model, correlated_batches(seq=40), layers)
+    modules = dict(model.named_modules())
+    config = lord_export.LordConfig(rank_reduction=0.3, force=True)
+    for names in build_groups(layers, cal.input_of, True):
+        g = describe_group(modules, names, config)
+        if g.d_out > g.d_in:
+            yield g, stacked_weight(modules, g), cal.of(names[0]).C
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3", "gpt2", "codegen", "phi3", "bert"])
+def test_gram_form_gives_the_svd_forms_factors(arch):
+    """Tall groups decompose the small d_in × d_in Gram matrix instead of a thin SVD of W C^{1/2}: the same
+    spectrum and the same rank-r factors (A B = U_r U_rᵀ W; individual vectors may differ in sign) to
+    float64 round-off, at every rank."""
+    shapes = 0
+    for g, W, C in _tall_groups(arch):
+        shapes += 1
+        e_svd, U_svd = fz.output_spectrum(W, C, form="svd")
+        e_gram, U_gram = fz.output_spectrum(W, C, form="gram")
+        scale = float(e_svd[0])
+        assert float((e_svd - e_gram).abs().max()) <= 1e-10 * scale, g.name
+        for r in sorted({1, g.rank, g.full_rank // 2, g.full_rank}):
+            if float(e_svd[r - 1]) <= 1e-10 * scale:
+                continue  # past C's rank (a LayerNorm input is centred): the data leaves the subspace open
+            a = fz.lord(W, C, r, decomposition=(e_svd, U_svd))
+            b = fz.lord(W, C, r, decomposition=(e_gram, U_gram))
+            torch.testing.assert_close(b.A @ b.B, a.A @ a.B, rtol=0, atol=1e-10 * float(W.abs().max()))
+        torch.testing.assert_close(U_gram.T @ U_gram, torch.eye(U_gram.shape[1], dtype=W.dtype), rtol=0, atol=1e-9)
+        full = fz.lord(W, C, g.full_rank, decomposition=(e_gram, U_gram))
+        torch.testing.assert_close(full.A @ full.B, W, rtol=0, atol=1e-10 * float(W.abs().max()))  # W at full rank
+    assert shapes > 0  # the architecture has tall groups (q|k|v, gate|up, fused c_attn, ...)
+
+
+def test_gram_form_survives_fewer_tokens_than_features():
+    """C seen on fewer tokens than features: the Gram form still returns orthonormal vectors, zero
+    eigenvalues past the data's rank, and factors whose error is the closed-form bound."""
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(96, 32, generator=g, dtype=torch.float64)
+    X = torch.randn(32, 10, generator=g, dtype=torch.float64)  # 10 tokens < 32 features
+    C = X @ X.T
+    evals, U = fz.output_spectrum(W, C, form="gram")
+    assert U.shape == (96, 32) and float(evals[10:].abs().max()) < 1e-9 * float(evals[0])
+    torch.testing.assert_close(U.T @ U, torch.eye(32, dtype=W.dtype), rtol=0, atol=1e-10)
+    for r in (5, 10, 20):
+        f = fz.lord(W, C, r)
+        assert fz.relative_error(W, f.A, f.B, C) == pytest.approx(fz.optimal_relative_error(f.spectrum, r), abs=1e-7)

@@ -188,3 +188,17 @@ def test_without_lord_export_loading_fails_loudly(llama_lord):
     r = _run(code)
     assert r.returncode != 0
     assert "Unknown quantization type, got lord" in r.stderr
+
+
+def test_save_pretrained_after_an_in_memory_compress_loads_back(tmp_path):
+    """``le.compress(model, ...)`` then ``model.save_pretrained(d)``: the directory carries the LoRD
+    quantization_config, so transformers and lord_export.load both read it back."""
+    model = tiny_model("llama")
+    lord_export.compress(model, correlated_batches(), rank_reduction=0.5)
+    model.save_pretrained(tmp_path / "saved")
+    qc = json.loads((tmp_path / "saved" / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "lord" and qc["groups"]
+    ids = torch.tensor([[5, 17, 42, 9]])
+    want = model(ids).logits
+    for loaded in (AutoModelForCausalLM.from_pretrained(tmp_path / "saved"), lord_export.load(tmp_path / "saved")):
+        torch.testing.assert_close(loaded(ids).logits, want, rtol=0, atol=0)

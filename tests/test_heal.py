@@ -245,3 +245,28 @@ def test_cli_heal_refuses_an_existing_output_without_overwrite(tiny_lord_dir, co
                    "--mode", "factors", "--overwrite-any", "-q")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert (out / "heal_report.json").is_file() and not (out / "keep.txt").exists()
+
+
+@pytest.mark.parametrize("mode", ["lora", "factors"])
+def test_a_failure_during_training_leaves_the_model_as_it_was(mode):
+    """An exception in the middle of the training loop (here: a batch the model cannot take) leaves no
+    adapter, no trained factor, no changed requires_grad and the KV cache setting as before."""
+    from lord_export.pipeline.heal import HealConfig, heal
+
+    if mode == "lora":
+        pytest.importorskip("peft")
+    model = tiny_model("llama")
+    lord_export.compress(model, correlated_batches(), rank_reduction=0.5)
+    model.model.layers[0].input_layernorm.weight.requires_grad_(False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    requires = {n: p.requires_grad for n, p in model.named_parameters()}
+    modules = {n: type(m) for n, m in model.named_modules()}
+    good = correlated_batches(1)[0]
+    bad = {"input_ids": torch.full((2, 8), 10_000)}  # out of the vocabulary: the embedding raises
+    with pytest.raises(IndexError):
+        heal(model, [good, good, bad], HealConfig(steps=3, mode=mode, lr=1e-2, warmup_steps=0))
+    assert {n: type(m) for n, m in model.named_modules()} == modules  # no LoRA wrapper left
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == requires
+    assert model.config.use_cache is True and not model.training
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n  # two steps were taken, and undone

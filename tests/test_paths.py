@@ -95,3 +95,54 @@ def test_captured_calls_reproduce_the_models_own_forward(arch):
         torch.testing.assert_close(setup.streams.dense[b], seen[b], rtol=0, atol=0)
     if arch in MIXED:
         assert setup.calls.kinds == 2  # local and global layers are called differently
+
+
+def test_compress_refuses_a_lord_or_quantized_directory_in_one_line(model_dirs, code_corpus, tmp_path):
+    from tests.cli_runner import run_cli
+
+    src, lord = model_dirs("llama"), tmp_path / "lord"
+    args = [
+        "--calib",
+        str(code_corpus),
+        "--calib-samples",
+        "2",
+        "--calib-seqlen",
+        "32",
+        "--rank-reduction",
+        "0.5",
+        "-q",
+    ]
+    assert cli_main(["compress", str(src), str(lord), *args]) == 0
+    proc = run_cli("compress", str(lord), str(tmp_path / "twice"), *args)
+    assert proc.returncode == 2 and "already a LoRD model" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "twice").exists()
+    quantized = tmp_path / "gptq"
+    quantized.mkdir()
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (quantized / "config.json").write_text(json.dumps(config))
+    proc = run_cli("compress", str(quantized), str(tmp_path / "q"), *args)
+    assert proc.returncode == 2 and "quantized (gptq)" in proc.stderr, proc.stderr
+
+
+def test_a_plan_made_from_a_directory_refuses_a_finetuned_model(model_dirs, code_corpus, tmp_path):
+    """The block-by-block path records the dense weights' fingerprints, so every consumer of the plan
+    refuses a fine-tuned copy of the base model (whose tuned weights the factors would replace)."""
+    from lord_export.export.graph import export_lord
+    from lord_export.persist.hf import load_dense
+
+    src, out = model_dirs("llama"), tmp_path / "lord"
+    args = ["compress", str(src), str(out), "--calib", str(code_corpus), "--calib-samples", "2"]
+    assert cli_main([*args, "--calib-seqlen", "32", "--param-ratio", "0.9", "-q"]) == 0
+    plan = le.read_plan(out)
+    tuned = load_dense(src, dtype=torch.float32)
+    name = plan.factorized_groups[0].members[0].name
+    with torch.no_grad():
+        tuned.get_submodule(name).weight.mul_(1.4)
+    with pytest.raises(le.PlanError, match="differs from the plan's base model"):
+        le.apply_plan(tuned, plan)
+    with pytest.raises(le.PlanError, match="differs from the plan's base model"):
+        le.compile(tuned, out)
+    with pytest.raises(le.PlanError, match="differs from the plan's base model"):
+        export_lord(tuned, plan, (), {"input_ids": torch.tensor([[1, 5, 9]]), "use_cache": False})
+    le.apply_plan(load_dense(src, dtype=torch.float32), plan)  # the true base model is accepted

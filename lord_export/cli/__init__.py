@@ -84,13 +84,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: {kind}: {error_message(e)}", file=sys.stderr)
         return e.exit_code
     except OSError as e:  # a full disk, a file-size limit, a permission: the output was not written
-        print(f"{PROG}: failed: {e}; nothing was written", file=sys.stderr)
+        print(f"{PROG}: failed: {e}; the output was not written", file=sys.stderr)
         return EXIT_FAILED
     except MemoryError:
         print(f"{PROG}: failed: out of memory; lower --batch-size or --calib-samples", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; nothing was written", file=sys.stderr)
+        print(f"{PROG}: interrupted; the output was not written", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as e:  # noqa: BLE001 - anything else is a bug: one line, the traceback with -v
         if "out of memory" in str(e).lower():

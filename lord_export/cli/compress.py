@@ -47,19 +47,51 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
         help="largest safetensors shard written (e.g. 500MB, 5GB); bigger outputs are sharded with an index",
     )
     add_output_args(c)
+    c.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a run that stopped (interrupted, crashed): it checkpoints after every block in "
+        ".OUTPUT_DIR.lord-partial beside OUTPUT_DIR; the same model, settings and calibration data are required",
+    )
     add_loading_args(c)
     c.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..device import resolve_device
-    from ..persist.checkpoint import parse_size
-    from ..pipeline.model_dir import compress_model_dir
 
     device = resolve_device(args.device)  # a device that does not exist is a usage error before any work
     stats_device = resolve_device(args.stats_device) if args.stats_device else None
     say = None if args.quiet else (lambda msg: print(f"compress: {msg}", file=sys.stderr, flush=True))
-    report = compress_model_dir(
+    try:
+        report = _compress(args, device, stats_device, say)
+    except (Exception, KeyboardInterrupt):
+        from ..pipeline.resume import MANIFEST, partial_dir
+
+        partial = partial_dir(args.output_dir)
+        if (partial / MANIFEST).is_file():
+            print(
+                f"compress: the run's progress is kept in {partial}; run the same command with --resume to "
+                "continue it (or delete that folder)",
+                file=sys.stderr,
+            )
+        raise
+    before, after = report["params_before"], report["params_after"]
+    print(
+        f"wrote {args.output_dir}: {report['groups_factorized']} group(s) factorized, "
+        f"{report['groups_left_dense']} left dense; parameters {before:,} -> {after:,} "
+        f"({100 * (1 - after / before):.1f}% fewer)"
+    )
+    for w in report["warnings"]:
+        print(f"warning: {w}", file=sys.stderr)
+    return 0
+
+
+def _compress(args: argparse.Namespace, device: str, stats_device: str | None, say) -> dict:
+    from ..persist.checkpoint import parse_size
+    from ..pipeline.model_dir import compress_model_dir
+
+    return compress_model_dir(
         args.model_dir,
         args.output_dir,
         args.calib,
@@ -72,15 +104,7 @@ def run(args: argparse.Namespace) -> int:
         stats_device=stats_device,
         max_shard_bytes=parse_size(args.max_shard_size),
         trust_remote_code=args.trust_remote_code,
+        resume=args.resume,
         progress=say,
         bars=not args.quiet,
     )
-    before, after = report["params_before"], report["params_after"]
-    print(
-        f"wrote {args.output_dir}: {report['groups_factorized']} group(s) factorized, "
-        f"{report['groups_left_dense']} left dense; parameters {before:,} -> {after:,} "
-        f"({100 * (1 - after / before):.1f}% fewer)"
-    )
-    for w in report["warnings"]:
-        print(f"warning: {w}", file=sys.stderr)
-    return 0

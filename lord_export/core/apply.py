@@ -30,7 +30,22 @@ def apply_plan(model: nn.Module, plan: Plan, *, load_tensors: bool = True, allow
         check_base_model(model, plan, weights=load_tensors)
     for group in plan.factorized_groups:
         apply_group(model, group, plan.tensors if load_tensors else None)
+    record_plan(model, plan)
     return model
+
+
+def record_plan(model: nn.Module, plan: Plan) -> None:
+    """Put the plan's structure in a transformers model's config (``quantization_config``), so that
+    ``model.save_pretrained(d)`` writes a directory ``from_pretrained`` and ``lord_export.load`` read."""
+    from .plan import quantization_config_from_plan
+
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_json_string") or not plan.factorized_groups:
+        return
+    present = getattr(config, "quantization_config", None)
+    if present is not None and not isinstance(present, dict):
+        return  # transformers' own config object, from the directory this model was loaded from
+    config.quantization_config = quantization_config_from_plan(plan)
 
 
 def apply_group(root: nn.Module, group: Group, tensors: Mapping[str, torch.Tensor] | None) -> None:

@@ -46,13 +46,18 @@ class Factors:
 
 
 def output_spectrum(
-    W: torch.Tensor, C: torch.Tensor, *, dtype: torch.dtype = torch.float64
+    W: torch.Tensor, C: torch.Tensor, *, dtype: torch.dtype = torch.float64, form: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigen-pairs of the output covariance W C Wᵀ, descending, without inverting C.
 
-    Returns (eigenvalues, eigenvectors) with at most min(d_out, d_in) pairs. When d_out > d_in
-    the (d_out, d_out) eigenproblem is replaced by the thin SVD of W C^{1/2}, which has the same
-    left singular vectors and squared singular values but costs O(d_out d_in²).
+    Returns (eigenvalues, eigenvectors) with at most min(d_out, d_in) pairs. Wide or square groups
+    (d_out <= d_in) take ``eigh`` of the d_out × d_out W C Wᵀ. Tall groups (d_out > d_in: q|k|v and
+    gate|up groups of a d → 3d or d → 8d model) work in the small d_in × d_in space: with M = W C^{1/2},
+    the eigenvectors V of the Gram matrix MᵀM give W C Wᵀ's as U = M V S⁻¹ (``form="gram"``, the
+    default: two GEMMs and one small ``eigh``), the same pairs a thin SVD of M gives (``form="svd"``,
+    several times slower at these shapes; kept for comparison). Directions whose singular value is
+    below 1e-7 of the largest (a C seen on fewer tokens than features) get an orthonormal completion
+    instead of M V S⁻¹, which would only amplify round-off there.
     ``dtype`` float32 exists to measure what a device without float64 would lose
     (``benchmarks/factorize_precision.py``); everything else uses float64.
     """
@@ -63,13 +68,40 @@ def output_spectrum(
         M = W @ C @ W.T
         M = (M + M.T) / 2
         evals, evecs = torch.linalg.eigh(M)
-        evals, evecs = evals.flip(0), evecs.flip(1)
-    else:
-        lam, Q = torch.linalg.eigh((C + C.T) / 2)
-        sqrt_c = (Q * lam.clamp_min(0).sqrt()) @ Q.T
-        U, S, _ = torch.linalg.svd(W @ sqrt_c, full_matrices=False)
-        evals, evecs = S.square(), U
-    return evals.clamp_min(0), evecs
+        return evals.flip(0).clamp_min(0), evecs.flip(1)
+    lam, Q = torch.linalg.eigh((C + C.T) / 2)
+    M = W @ ((Q * lam.clamp_min(0).sqrt()) @ Q.T)  # W C^{1/2}, (d_out, d_in)
+    if form == "svd":
+        U, S, _ = torch.linalg.svd(M, full_matrices=False)
+        return S.square(), U
+    K = M.T @ M
+    evals, V = torch.linalg.eigh((K + K.T) / 2)
+    evals, V = evals.flip(0).clamp_min(0), V.flip(1)
+    s = evals.sqrt()
+    good = s > 1e-7 * float(s[0]) if float(s[0]) > 0 else torch.zeros_like(s, dtype=torch.bool)
+    U = (M @ V[:, good]) / s[good]
+    if not bool(good.all()):
+        U = _complete_orthonormal(U, W, d_in)
+        evals = torch.where(good, evals, torch.zeros_like(evals))
+    return evals, U
+
+
+def _complete_orthonormal(U: torch.Tensor, W: torch.Tensor, width: int) -> torch.Tensor:
+    """``U``'s (d_out, k) orthonormal columns followed by ``width - k`` more: first the directions of W's own
+    column space that U misses (largest first, so that factors at full rank give W back exactly), then
+    fixed pseudo-random ones (the same completion on every run)."""
+    k = U.shape[1]
+    R = W - U @ (U.T @ W)
+    evals, V = torch.linalg.eigh(R.T @ R)
+    evals, V = evals.flip(0), V.flip(1)
+    keep = evals > 1e-20 * float(W.square().sum())
+    extra = (R @ V[:, keep]) / evals[keep].sqrt()
+    g = torch.Generator(device="cpu").manual_seed(0)
+    noise = torch.randn(U.shape[0], width, generator=g, dtype=U.dtype).to(U.device)
+    Q, Rq = torch.linalg.qr(torch.cat([U, extra, noise], dim=1))
+    d = torch.diagonal(Rq)
+    Q = Q * torch.where(d < 0, -1.0, 1.0).to(Q.dtype)  # keep U's own columns' signs
+    return torch.cat([U, Q[:, k:width]], dim=1)
 
 
 def output_eigenvalues(W: torch.Tensor, C: torch.Tensor) -> torch.Tensor:

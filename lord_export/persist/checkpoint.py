@@ -40,6 +40,7 @@ INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 2 << 30
 _METADATA = {"format": "pt", "lord_export": "1"}
 HEADER_RESERVE = 64 << 10  # room left for a shard's header: ~400 tensors' entries
+DEFERRED_FILE = ".deferred.safetensors"  # a resumable writer's tensors waiting for their shard's end
 _COMPACT_BELOW = 1024  # shards with less data than 1024 reserves (64 MiB) are rewritten without padding
 _DTYPE_NAMES = {
     torch.float64: "F64",
@@ -252,10 +253,82 @@ class ShardWriter:
         return finals
 
     def abort(self) -> None:
-        """Close the open shard file without finishing it (the caller removes the directory)."""
+        """Close the open shard file without finishing it (the caller removes the directory, or a resumed
+        run continues from the last :meth:`checkpoint`)."""
         if self._file is not None:
             self._file.close()
             self._file = None
+
+    # -- resuming ------------------------------------------------------------------------------
+    def checkpoint(self) -> dict[str, Any]:
+        """Everything :meth:`restore` needs to continue this writer after a crash: the finished parts, the
+        open shard (its file, entries and data length) and the tensors waiting for the shard's end
+        (written to a sidecar file in ``directory``). Call it between blocks; the open file is synced."""
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        sidecar = self.directory / DEFERRED_FILE
+        if self._deferred:
+            tmp = sidecar.with_name(sidecar.name + ".tmp")
+            save_file(dict(self._deferred), str(tmp))
+            os.replace(tmp, sidecar)
+        return {
+            "parts": [[p.name, names] for p, names in self._parts],
+            "open": None
+            if self._file is None
+            else {"file": Path(self._file.name).name, "entries": self._entries, "offset": self._offset},
+            "deferred": sorted(self._deferred),
+            "shard_bytes": self._shard_bytes,
+            "total_bytes": self.total_bytes,
+            "names": sorted(self._names),
+        }
+
+    @classmethod
+    def restore(cls, directory: str | Path, state: dict[str, Any], max_shard_bytes: int) -> ShardWriter:
+        """A writer continuing from :meth:`checkpoint`'s ``state``: bytes written after it are cut off, and
+        a shard that was finished after it (the next block started a new one) counts as finished."""
+        w = cls(directory, max_shard_bytes)
+        w._parts = [(w.directory / name, list(names)) for name, names in state["parts"]]
+        w._names = set(state["names"])
+        w.total_bytes = state["total_bytes"]
+        keep = {p.name for p, _ in w._parts}
+        opened = state["open"]
+        if opened is not None:
+            path = w.directory / opened["file"]
+            keep.add(path.name)
+            with open(path, "rb") as f:
+                header_length = struct.unpack("<Q", f.read(8))[0]
+            if header_length:  # finished after the checkpoint: complete, with a header of its own
+                names, data = _shard_contents(path)
+                w._parts.append((path, names))
+                w.total_bytes += data
+            else:
+                w._file = open(path, "r+b")
+                w._file.truncate(w.header_reserve + opened["offset"])
+                w._file.seek(0, os.SEEK_END)
+                w._entries = {k: dict(v) for k, v in opened["entries"].items()}
+                w._offset = opened["offset"]
+                w._shard_bytes = state["shard_bytes"]
+                if state["deferred"]:
+                    with safe_open(str(w.directory / DEFERRED_FILE), framework="pt") as handle:
+                        w._deferred = {k: handle.get_tensor(k).clone() for k in state["deferred"]}
+        for stray in w.directory.glob(".part-*"):  # shards begun after the checkpoint
+            if stray.name not in keep:
+                stray.unlink()
+        return w
+
+    def finish_resumable(self) -> None:
+        """Remove the sidecar of deferred tensors (the run is complete)."""
+        (self.directory / DEFERRED_FILE).unlink(missing_ok=True)
+
+
+def _shard_contents(path: Path) -> tuple[list[str], int]:
+    """(tensor names, data bytes) of a finished safetensors file, from its header."""
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+    entries = {k: v for k, v in header.items() if k != "__metadata__"}
+    return list(entries), max((v["data_offsets"][1] for v in entries.values()), default=0)
 
 
 def _rewrite_compact(path: Path, header: bytes, data_start: int, data_bytes: int) -> None:
@@ -278,16 +351,22 @@ def _rewrite_compact(path: Path, header: bytes, data_start: int, data_bytes: int
 class FactorSpill:
     """Per-block tensors parked in ``directory`` (created, and removed by :meth:`close`).
 
-    :meth:`put` writes block ``i``'s tensors (moved to the CPU) to one safetensors file and keeps
-    only ``meta`` (a small Python value) in memory; :meth:`take` reads them back (copies,
-    no memory map) with the meta and deletes the file, so the disk holds only blocks not yet taken.
+    :meth:`put` writes block ``i``'s tensors (moved to the CPU) to one safetensors file and its
+    ``meta`` (JSON-able) beside it; :meth:`take` reads them back (copies, no memory map) and
+    :meth:`discard` deletes them, so the disk holds only blocks not yet done. ``resume=True`` reopens a
+    spill an interrupted run left.
     """
 
-    def __init__(self, directory: str | Path):
+    def __init__(self, directory: str | Path, *, resume: bool = False):
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=False)
+        self.directory.mkdir(parents=True, exist_ok=resume)
         self._meta: dict[int, Any] = {}
         self.bytes_written = 0
+        for f in sorted(self.directory.glob("block-*.json")) if resume else ():
+            block = int(f.stem.split("-")[1])
+            self._meta[block] = json.loads(f.read_text())
+            data = self._path(block)
+            self.bytes_written += data.stat().st_size if data.exists() else 0
 
     def _path(self, block: int) -> Path:
         return self.directory / f"block-{block:05d}.safetensors"
@@ -297,19 +376,37 @@ class FactorSpill:
             raise ValueError(f"block {block} is already in the spill")
         path = self._path(block)
         if tensors:
-            save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path))
+            tmp = path.with_name(path.name + ".tmp")
+            save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp))
+            os.replace(tmp, path)
             self.bytes_written += path.stat().st_size
+        meta_file = path.with_suffix(".json")
+        meta_file.with_name(meta_file.name + ".tmp").write_text(json.dumps(meta))
+        os.replace(meta_file.with_name(meta_file.name + ".tmp"), meta_file)
         self._meta[block] = meta
 
+    def __contains__(self, block: int) -> bool:
+        return block in self._meta
+
+    def meta(self, block: int) -> Any:
+        """Block ``block``'s meta alone (no tensor is read)."""
+        return self._meta[block]
+
     def take(self, block: int) -> tuple[dict[str, torch.Tensor], Any]:
-        meta = self._meta.pop(block)
+        """Block ``block``'s tensors and meta (kept on disk until :meth:`discard`)."""
+        meta = self._meta[block]
         path = self._path(block)
         if not path.exists():
             return {}, meta
         with safe_open(str(path), framework="pt") as f:
             tensors = {k: f.get_tensor(k).clone() for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-        path.unlink()
         return tensors, meta
+
+    def discard(self, block: int) -> None:
+        """Delete block ``block``'s files (its work is done and checkpointed)."""
+        self._meta.pop(block, None)
+        self._path(block).unlink(missing_ok=True)
+        self._path(block).with_suffix(".json").unlink(missing_ok=True)
 
     def close(self) -> None:
         import shutil

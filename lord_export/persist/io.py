@@ -72,16 +72,23 @@ def atomic_output_dir(path: str | Path, *, overwrite: bool | str = False) -> Ite
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=parent))
     try:
         yield tmp
-        if dest.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=parent))
-            os.replace(dest, old / "x")
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
+        replace_dir(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def replace_dir(src: Path, dest: Path) -> None:
+    """Move the finished directory ``src`` to ``dest``; an existing ``dest`` is swapped out first and
+    deleted only once ``src`` is in place."""
+    dest = Path(dest)
+    if dest.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.absolute().parent))
+        os.replace(dest, old / "x")
+        os.replace(src, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dest)
 
 
 def unique_state_dict(model: nn.Module, *, skip_prefix: str | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:

@@ -21,7 +21,7 @@ from torch import nn
 from .._version import __version__
 from ..calibration.statistics import Calibration, CalibrationData, calibrate
 from ..config import LordConfig
-from ..core.apply import apply_plan
+from ..core.apply import apply_plan, record_plan
 from ..core.fingerprint import count_parameters, describe_model
 from ..core.plan import Plan
 from ..core.targets import select_targets
@@ -78,13 +78,15 @@ def compress(
         plan, streamed, budget = _compress(model, data, config, device, stats_device, progress, surveyed, base, store)
     plan.tensors = {k: v.to(model.get_parameter(k).dtype) for k, v in plan.tensors.items()}
     plan.base_model = base
+    record_plan(model, plan)
     calib_report = plan.report.get("calibration")
+    engine_timings = plan.report.get("engine_timings") or {}
     plan.report = build_report(
         plan,
         params_before=params_before,
         params_after=count_parameters(model),
         calibration=calib_report,
-        timings={"compress_s": round(time.perf_counter() - t0, 3)},
+        timings={"compress_s": round(time.perf_counter() - t0, 3), **engine_timings},
         streamed=streamed,
     )
     plan.report["dtype"] = choice.describe()
@@ -108,7 +110,8 @@ def _compress(model, data, config, device, stats_device, progress, surveyed, bas
             raise UsageError("a parameter ratio needs calibration batches, not a callback")
         data = [b if isinstance(b, dict) else {"input_ids": b} for b in data]
         budget = plan_budget(model, data, config, layers, surveyed=surveyed)
-    if budget is not None and config.calibration == "independent":  # the survey's statistics are the answer
+    if budget is not None and config.calibration == "independent" and config.refine == "none":
+        # the survey's statistics are the answer
         plan = make_plan(
             model, budget.calibration, layers, config, cache=budget.cache, ranks=budget.ranks, base_model=base
         )
@@ -124,8 +127,14 @@ def _compress(model, data, config, device, stats_device, progress, surveyed, bas
         )
         result = engine.run(batches, blocks)
         plan = Plan(config=config, groups=result.groups, warnings=result.warnings, tensors=result.tensors)
-        plan.report = {"calibration": {"batches": result.calibration_batches}, "blocks": result.blocks}
-    streamed = blocks is not None and not (budget is not None and config.calibration == "independent")
+        plan.report = {
+            "calibration": {"batches": result.calibration_batches},
+            "blocks": result.blocks,
+            "engine_timings": result.timings,
+        }
+    streamed = blocks is not None and not (
+        budget is not None and config.calibration == "independent" and config.refine == "none"
+    )
     return plan, streamed, budget
 
 

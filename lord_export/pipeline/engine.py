@@ -39,6 +39,7 @@ from ..config import LordConfig
 from ..core.plan import Group
 from ..core.targets import select_targets
 from ..device import model_device, statistics_device
+from ..progress import Progress, StageTimes
 from .modes import MODES, BlockWork, kept
 from .planner import KeptFactors, build_groups, closed_form, compress_groups
 from .sensitivity import no_cache
@@ -103,6 +104,8 @@ class Engine:
         self.tensors: dict[str, torch.Tensor] = {}
         self.warnings: list[str] = []
         self.batches = 0
+        self.times = StageTimes()
+        self.refinements: list[dict[str, Any]] = []
 
     # -- the setup shared by every pass ----------------------------------------------------------
     def begin(self, batches: Sequence[dict[str, torch.Tensor]], blocks: Blocks, *, two: bool) -> Setup:
@@ -145,63 +148,136 @@ class Engine:
         blocks: Blocks,
         *,
         spill: Any = None,
+        checkpoints: Any = None,
     ) -> EngineResult:
         """Compress every block of ``blocks`` (and targeted layers outside them) on ``batches``.
 
         With ``spill`` (a survey's :class:`~lord_export.persist.checkpoint.FactorSpill`) the factors
         kept there are truncated to ``self.ranks`` instead (the ``kept`` mode); nothing is calibrated
-        unless a later stage needs the streams.
+        unless a later stage needs the streams. With ``checkpoints`` (a
+        :class:`~lord_export.pipeline.resume.Checkpoints`) the state is saved after every block, and a
+        resumed run continues after the last block it saved.
         """
         t0 = time.perf_counter()
         inside, outside = self.layers_by_block(blocks)
         fit, two = (kept, False) if spill is not None else MODES[self.config.calibration]
-        needs_streams = spill is None or bool(outside)
+        refine = self.config.refine == "block"
+        two = two or refine
+        needs_streams = spill is None or bool(outside) or refine
         with torch.no_grad(), exact_matmuls():
             if needs_streams:
                 self.say(f"capturing the inputs of the {len(blocks)} blocks of {blocks.path} ({len(batches)} batches)")
                 setup = self.begin(batches, blocks, two=two)
             else:
                 setup = Setup(Streams([], self.device, two=False), BlockCalls([[] for _ in range(len(blocks))]), None)
-            it: Any = range(len(blocks))
-            if self.bars:
-                from tqdm.auto import tqdm
-
-                it = tqdm(it, desc="compress", unit="block")
-            block_seconds = []
-            for i in it:
+            start, block_seconds = self._resume(checkpoints, setup)
+            progress = Progress(self.say, "compress", len(blocks) - start, unit="block")
+            for i in range(start, len(blocks)):
                 t_block = time.perf_counter()
-                block = self.materialize(blocks, i)
-                work = BlockWork(
-                    block=block,
-                    prefix=blocks.name(i),
-                    local=inside[i],
-                    calls=setup.calls[i],
-                    streams=setup.streams,
-                    config=self.config,
-                    stats_device=self.stats_device,
-                    ranks=self.ranks,
-                    store=self._store,
-                )
+                groups = self._process_block(blocks, i, inside[i], setup, fit, spill)
                 if spill is not None:
-                    work.kept, work.kept_groups, seconds = take_kept(spill, i, self.device)
-                    t_block -= seconds  # the survey's time for this block counts too
-                groups, tensors = fit(work)
-                self._add_warnings(work.warnings)
-                if setup.streams.two:
-                    s = setup.streams
-                    for b, call in enumerate(work.calls):
-                        s.comp[b] = s.park(run_block(block, s.load(s.comp[b]), call))
-                self._record(groups, tensors, blocks.name(i), block)
-                self.source.release(block)
+                    t_block -= spill.meta(i)["seconds"]  # the survey's time for this block counts too
                 block_seconds.append(round(time.perf_counter() - t_block, 3))
-                self.say(
-                    f"block {i + 1}/{len(blocks)}: {sum(g.factorized for g in groups)} group(s) factorized "
-                    f"in {block_seconds[-1]:.1f} s"
-                )
+                self._checkpoint(checkpoints, setup, i + 1, block_seconds)
+                if spill is not None:
+                    spill.discard(i)
+                progress.step(f"{blocks.name(i)}: {sum(g.factorized for g in groups)} group(s) factorized")
             if outside:
                 self._outside_layers(outside, blocks, setup, batches)
-        timings = {"compress_s": round(time.perf_counter() - t0, 3), "blocks_s": block_seconds}
+        timings = {
+            "compress_s": round(time.perf_counter() - t0, 3),
+            "blocks_s": block_seconds,
+            "stages": self.times.rounded(),
+        }
+        if self.refinements:
+            timings["refinement"] = self.refinements
         return EngineResult(self.groups, self.tensors, self.warnings, timings, len(blocks), True, self.batches)
+
+    def _process_block(self, blocks: Blocks, i: int, local: list[str], setup: Setup, fit: Callable, spill: Any):
+        """Block ``i``: fit it (the calibration mode), advance the compressed stream, record, release."""
+        block = self.materialize(blocks, i)
+        work = BlockWork(
+            block=block,
+            prefix=blocks.name(i),
+            local=local,
+            calls=setup.calls[i],
+            streams=setup.streams,
+            config=self.config,
+            stats_device=self.stats_device,
+            ranks=self.ranks,
+            store=self._store,
+            times=self.times,
+        )
+        if spill is not None:
+            work.kept, work.kept_groups = take_kept(spill, i, self.device)
+        groups, tensors = fit(work)
+        self._add_warnings(work.warnings)
+        if self.config.refine == "block" and any(g.factorized for g in groups):
+            self._refine(block, work, blocks.name(i))
+        if setup.streams.two:
+            s = setup.streams
+            with self.times("forward_s"):
+                for b, call in enumerate(work.calls):
+                    s.comp[b] = s.park(run_block(block, s.load(s.comp[b]), call))
+        with self.times("write_s"):
+            self._record(groups, tensors, blocks.name(i), block)
+        self.source.release(block)
+        return groups
+
+    def _refine(self, block: nn.Module, work: BlockWork, name: str) -> None:
+        """Block refinement (:mod:`lord_export.pipeline.refine`): the LoRD block on the compressed stream
+        fitted to the dense block's outputs (the dense stream, just advanced past this block)."""
+        from .refine import RefineConfig, refine_block
+
+        s = work.streams
+        config = RefineConfig(steps=self.config.refine_steps, lr=self.config.refine_lr)
+        with self.times("refine_s"):
+            report = refine_block(block, work.calls, s.comp, s.dense, config, load=s.load)
+        if report is not None:
+            self.refinements.append({"block": name, **report})
+
+    def _resume(self, checkpoints: Any, setup: Setup) -> tuple[int, list[float]]:
+        """(the first block to do, the seconds of the blocks done) - after restoring what a checkpoint
+        saved: the groups and warnings so far, the streams entering that block, the weight fingerprints."""
+        state = checkpoints.state.get("run") if checkpoints is not None else None
+        if not state:
+            return 0, []
+        self.groups = [Group.from_dict(g) for g in state["groups"]]
+        self.warnings = list(state["warnings"])
+        self.refinements = list(state.get("refinements", []))
+        self.source_fingerprints(state["fingerprints"])
+        saved = checkpoints.load_tensors("ckpt-streams") if len(setup.streams) else {}
+        s = setup.streams
+        for b in range(len(s)):
+            s.dense[b] = s.park(saved[f"dense.{b}"])
+            if s.two:
+                s.comp[b] = s.park(saved[f"comp.{b}"])
+        self.say(f"resuming after block {state['blocks_done']} of {len(setup.calls)}")
+        return state["blocks_done"], list(state["block_seconds"])
+
+    def _checkpoint(self, checkpoints: Any, setup: Setup, done: int, block_seconds: list[float]) -> None:
+        """Save what a resumed run needs to continue after ``done`` blocks."""
+        if checkpoints is None:
+            return
+        s = setup.streams
+        tensors = {f"dense.{b}": h for b, h in enumerate(s.dense)}
+        if s.two:
+            tensors.update({f"comp.{b}": h for b, h in enumerate(s.comp)})
+        state = {
+            "blocks_done": done,
+            "groups": [g.to_dict() for g in self.groups],
+            "warnings": self.warnings,
+            "block_seconds": block_seconds,
+            "refinements": self.refinements,
+            "fingerprints": getattr(self.source, "fingerprints", {}),
+            "writer": self.writer.checkpoint() if self.writer is not None else None,
+        }
+        checkpoints.save({"ckpt-streams": tensors} if tensors else None, run=state)
+
+    def source_fingerprints(self, saved: dict) -> None:
+        """Give the weight source the fingerprints of blocks an interrupted run read."""
+        if hasattr(self.source, "fingerprints"):
+            self.source.fingerprints.update(saved)
 
     def _store(self, source: Callable) -> Callable:
         """``source`` with its factors rounded through the storage dtype, so the compressed stream (and
@@ -268,16 +344,16 @@ class Engine:
         return tied
 
 
-def take_kept(spill: Any, i: int, device: torch.device) -> tuple[dict[str, KeptFactors], list, float]:
+def take_kept(spill: Any, i: int, device: torch.device) -> tuple[dict[str, KeptFactors], list]:
     """Block ``i``'s kept factors from the survey's spill: (relative group name → factors, the block's
-    groups as (layer names, tokens), the survey's seconds for the block)."""
+    groups as (layer names, tokens))."""
     tensors, meta = spill.take(i)
     factors = {
         name: KeptFactors(*(tensors[f"{name}|{k}"].to(device) for k in ("A", "B", "errors", "spectrum")))
         for name in meta["kept"]
     }
     groups = [(list(names), int(tokens)) for names, tokens in meta["groups"]]
-    return factors, groups, meta["seconds"]
+    return factors, groups
 
 
 def find_streamable_blocks(model: nn.Module) -> tuple[Blocks | None, str | None]:

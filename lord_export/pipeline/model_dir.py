@@ -68,6 +68,7 @@ def compress_model_dir(
     stats_device: str | torch.device | None = None,
     max_shard_bytes: int | None = None,
     trust_remote_code: bool = False,
+    resume: bool = False,
     progress: Callable[[str], None] | None = None,
     bars: bool = False,
 ) -> dict[str, Any]:
@@ -75,7 +76,9 @@ def compress_model_dir(
 
     ``dtype`` forces one dtype for loading, computing and storing everything; by default tensors
     are stored in the checkpoint's own dtypes and the work runs in ``compute_dtype`` ("auto":
-    :func:`lord_export.device.compute_dtype`).
+    :func:`lord_export.device.compute_dtype`). Block by block, the run checkpoints after every
+    block in its partial output (:mod:`lord_export.pipeline.resume`); when it stops early, ``resume``
+    continues it.
     """
     from ..device import compute_dtype as choose_dtype
     from ..device import resolve_device
@@ -120,26 +123,58 @@ def compress_model_dir(
     on_cuda = torch.device(device).type == "cuda"
     if on_cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        if blocks is None:
+    options = dict(device=device, stats_device=stats_device)
+    if blocks is None:
+        with atomic_output_dir(out, overwrite=overwrite) as tmp:
             model = load_dense(model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
-            batches = calib_set.batches()
-            plan = compress(
-                model, batches, config, device=device, stats_device=stats_device, compute_dtype=choice.compute
-            )
+            plan = compress(model, calib_set.batches(), config, compute_dtype=choice.compute, **options)
             write_into(tmp, model, plan, source_dir=model_dir, max_shard_bytes=max_shard_bytes)
-            report = plan.report
-        else:
-            stores = {k: dtype for k in stored} if dtype is not None else stored
-            run = StreamedRun(model, model_dir, blocks, tmp, calib_set, config, choice, stores, max_shard_bytes)
-            report = run.compress(device=device, stats_device=stats_device, progress=say, bars=bars)
-        report["source_model"] = str(model_dir)
-        report["device"] = str(device)
-        report["dtype"] = choice.describe()
-        if on_cuda:  # what the GPU needed: the streamed path's claim is one block's worth
-            report["cuda_peak_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
-        report["calibration"].update(calib_set.describe())
+            report = _finish_report(plan.report, model_dir, device, choice, calib_set, on_cuda)
+            write_json(tmp / REPORT_FILE, report)
+        return report
+    from .resume import Checkpoints, resumable_output_dir
+
+    stores = {k: dtype for k in stored} if dtype is not None else stored
+    settings = run_settings(config, choice, dtype, device, max_shard_bytes, calib_set)
+    with resumable_output_dir(out, overwrite=overwrite, resume=resume) as tmp:
+        checkpoints = Checkpoints(tmp, _run_key(model_dir, settings, calib_set), resume=resume)
+        if not checkpoints.resumed:
+            checkpoints.clear()  # a fresh start: nothing an earlier run left counts
+            if resume:
+                say("no checkpoint to resume from: starting from the beginning")
+        run = StreamedRun(model, model_dir, blocks, tmp, calib_set, config, choice, stores, max_shard_bytes)
+        report = run.compress(checkpoints, progress=say, bars=bars, **options)
+        report = _finish_report(report, model_dir, device, choice, calib_set, on_cuda)
         write_json(tmp / REPORT_FILE, report)
+        checkpoints.finish()
+    return report
+
+
+def run_settings(config: LordConfig, choice: Any, dtype: Any, device: Any, max_shard_bytes: int, calib_set) -> dict:
+    """The settings that shape a run's output (what a resumed run must share with the run it continues)."""
+    return {
+        **config.to_dict(),
+        "compute_dtype": choice.compute,
+        "dtype": dtype,
+        "device": torch.device(device).type,
+        "max_shard_bytes": max_shard_bytes,
+        "batch_size": calib_set.batch_size,
+    }
+
+
+def _run_key(model_dir: Path, settings: dict, calib_set: Any) -> dict:
+    from .resume import run_key, tensors_fingerprint
+
+    return run_key(model_dir, settings, tensors_fingerprint(calib_set.input_ids, calib_set.attention_mask))
+
+
+def _finish_report(report: dict, model_dir: Path, device: Any, choice: Any, calib_set: Any, on_cuda: bool) -> dict:
+    report["source_model"] = str(model_dir)
+    report["device"] = str(device)
+    report["dtype"] = choice.describe()
+    if on_cuda:  # what the GPU needed: the streamed path's claim is one block's worth
+        report["cuda_peak_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+    report["calibration"].update(calib_set.describe())
     return report
 
 
@@ -151,7 +186,8 @@ class StreamedRun:
         self.calib_set, self.config, self.choice, self.stored = calib_set, config, choice, stored
         self.max_shard_bytes = max_shard_bytes
 
-    def compress(self, **engine_options: Any) -> dict:
+    def compress(self, checkpoints: Any, **engine_options: Any) -> dict:
+        """Survey (for a parameter budget), then the block loop; checkpointed after every block."""
         from ..persist.checkpoint import CheckpointReader, FactorSpill, ShardWriter
         from ..persist.io import write_config_and_tokenizer, write_plan
         from .engine import Engine
@@ -169,7 +205,11 @@ class StreamedRun:
             fingerprint=targeted_linears(model, layers),
         )
         _load_outside_blocks(model, source, blocks, engine_options["device"])
-        writer = ShardWriter(self.tmp, self.max_shard_bytes)
+        saved = checkpoints.state.get("run") or {}
+        if saved.get("writer"):
+            writer = ShardWriter.restore(self.tmp, saved["writer"], self.max_shard_bytes)
+        else:
+            writer = ShardWriter(self.tmp, self.max_shard_bytes)
         say(f"compressing {len(blocks)} blocks of {blocks.path} one at a time on {engine_options['device']}")
         store = self.choice.store if self.choice.store != self.choice.compute else None
         engine = Engine(model, config, source=source, writer=writer, store_dtype=store, **engine_options)
@@ -179,38 +219,42 @@ class StreamedRun:
             budget = None
             if config.param_ratio is not None:
                 if config.calibration == "independent":  # the survey's factors are the answer, once truncated
-                    spill = FactorSpill(self.tmp / SPILL_DIR)
+                    spill = FactorSpill(self.tmp / SPILL_DIR, resume=checkpoints.resumed)
                     say(f"surveying {len(blocks)} blocks for the parameter budget (spectra and factors)")
                 else:
                     say(f"surveying {len(blocks)} blocks for the parameter budget (spectra)")
                 batches = list(self.calib_set.batches())
-                surveyed = streamed_survey(engine, batches, blocks, spill=spill)
+                surveyed = streamed_survey(engine, batches, blocks, spill=spill, checkpoints=checkpoints)
                 budget = plan_budget(model, batches, config, [], surveyed=surveyed)
                 engine.ranks = budget.ranks
-            result = engine.run(self.calib_set.batches(), blocks, spill=spill)
+            result = engine.run(self.calib_set.batches(), blocks, spill=spill, checkpoints=checkpoints)
             if spill is not None:
                 budget.report["spilled_bytes"] = spill.bytes_written
             tied = engine.write_rest(blocks)
             writer.close()
+            writer.finish_resumable()
         except BaseException:
-            writer.abort()  # the open shard file; the caller removes the directory
+            writer.abort()  # the open shard file; a resumed run continues from the last checkpoint
             raise
-        finally:
-            if spill is not None:
-                spill.close()
+        if spill is not None:
+            spill.close()
         base["weights"] = source.fingerprints
         plan = Plan(config=config, groups=result.groups, warnings=result.warnings, base_model=base)
-        saved = sum(g.dense_params - g.factor_params for g in plan.factorized_groups)
+        removed = sum(g.dense_params - g.factor_params for g in plan.factorized_groups)
         write_config_and_tokenizer(self.tmp, model, plan, self.model_dir)
         write_plan(self.tmp, plan, tied, None)
-        return build_report(
-            plan,
-            params_before=params_before,
-            params_after=params_before - saved,
-            calibration={"batches": result.calibration_batches},
-            timings={"compress_s": round(time.perf_counter() - t0, 3), "blocks_s": result.timings["blocks_s"]},
-            streamed=True,
-        ) | ({"budget": budget.report} if budget is not None else {})
+        return (
+            build_report(
+                plan,
+                params_before=params_before,
+                params_after=params_before - removed,
+                calibration={"batches": result.calibration_batches},
+                timings={**result.timings, "compress_s": round(time.perf_counter() - t0, 3)},
+                streamed=True,
+            )
+            | ({"budget": budget.report} if budget is not None else {})
+            | {"resumed": checkpoints.resumed}
+        )
 
 
 def _targets_outside(model: nn.Module, config: LordConfig, blocks: Any) -> bool:

@@ -38,6 +38,7 @@ from ..calibration.blocks import BlockCall, run_block
 from ..calibration.statistics import Calibrator, InputStats, warn_few_tokens
 from ..config import LordConfig
 from ..core.plan import Group
+from ..progress import StageTimes
 from .planner import (
     FactorSource,
     KeptFactors,
@@ -66,6 +67,7 @@ class BlockWork:
     kept_groups: list[tuple[list[str], int]] | None = None  # ``kept`` mode: (layer names, tokens)
     store: Callable[[FactorSource], FactorSource] = lambda source: source  # rounds factors as stored
     warnings: list[str] = field(default_factory=list)
+    times: StageTimes = field(default_factory=StageTimes)
 
 
 def advance_dense(work: BlockWork, block: nn.Module | None = None) -> None:
@@ -79,7 +81,10 @@ def advance_dense(work: BlockWork, block: nn.Module | None = None) -> None:
 def independent(work: BlockWork) -> tuple[list[Group], dict[str, torch.Tensor]]:
     """Statistics from the dense stream (one pass that also advances it), then the closed form."""
     s = work.streams
-    with Calibrator(work.block, work.local, batch_hooks=False, stats_device=work.stats_device) as cal:
+    with (
+        work.times("calibrate_s"),
+        Calibrator(work.block, work.local, batch_hooks=False, stats_device=work.stats_device) as cal,
+    ):
         for b, call in enumerate(work.calls):
             cal.begin_batch(call.mask)
             s.dense[b] = s.park(run_block(work.block, s.load(s.dense[b]), call))
@@ -89,37 +94,42 @@ def independent(work: BlockWork) -> tuple[list[Group], dict[str, torch.Tensor]]:
     calibration = cal.result()
     warn_few_tokens(calibration)
     work.warnings.extend(calibration.warnings)
-    return compress_groups(
-        work.block,
-        build_groups(work.local, calibration.input_of, work.config.grouping),
-        work.config,
-        work.store(closed_form(calibration, work.config.method)),
-        tokens=lambda names: calibration.of(names[0]).tokens,
-        ranks=work.ranks,
-        prefix=work.prefix,
-    )
+    with work.times("factorize_s"):
+        return compress_groups(
+            work.block,
+            build_groups(work.local, calibration.input_of, work.config.grouping),
+            work.config,
+            work.store(closed_form(calibration, work.config.method)),
+            tokens=lambda names: calibration.of(names[0]).tokens,
+            ranks=work.ranks,
+            prefix=work.prefix,
+        )
 
 
 def kept(work: BlockWork) -> tuple[list[Group], dict[str, torch.Tensor]]:
     """Factors kept by the survey, truncated to the allocated ranks; the dense stream is advanced only
     when the run keeps streams (refinement, targets after the blocks)."""
     if len(work.streams):
-        advance_dense(work)
+        with work.times("forward_s"):
+            advance_dense(work)
     tokens = {tuple(names): n for names, n in work.kept_groups or []}
-    return compress_groups(
-        work.block,
-        [names for names, _ in work.kept_groups or []],
-        work.config,
-        work.store(truncated(work.kept or {})),
-        tokens=lambda names: tokens[tuple(names)],
-        ranks=work.ranks,
-        prefix=work.prefix,
-    )
+    with work.times("truncate_s"):
+        return compress_groups(
+            work.block,
+            [names for names, _ in work.kept_groups or []],
+            work.config,
+            work.store(truncated(work.kept or {})),
+            tokens=lambda names: tokens[tuple(names)],
+            ranks=work.ranks,
+            prefix=work.prefix,
+        )
 
 
 def staged(work: BlockWork) -> tuple[list[Group], dict[str, torch.Tensor]]:
     """Sequential/compensating: stage by stage on the compressed stream, a dense copy of the block
     beside it (module docstring); the dense stream is advanced through the copy."""
+    timer = work.times("staged_fit_s")
+    timer.__enter__()
     dense_block = copy.deepcopy(work.block)
     groups: list[Group] = []
     tensors: dict[str, torch.Tensor] = {}
@@ -147,6 +157,7 @@ def staged(work: BlockWork) -> tuple[list[Group], dict[str, torch.Tensor]]:
             tensors.update(factors)
     advance_dense(work, dense_block)
     del dense_block
+    timer.__exit__()
     return groups, tensors
 
 

@@ -10,7 +10,7 @@ block at a time: each block loaded again, recomputed from its stored input, back
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -20,6 +20,7 @@ from ..calibration.blocks import BlockCalls, Blocks, accepts_argument, run_block
 from ..calibration.statistics import exact_matmuls
 from ..device import model_device
 from ..errors import UsageError
+from ..progress import Progress
 from .streaming import Streams, WeightSource, replaying
 
 #: Tokens the Fisher sensitivity pass uses: the first calibration batches up to at least this many
@@ -149,20 +150,34 @@ def streamed_sensitivities(
     source: WeightSource,
     device: torch.device,
     streams: Streams,
-    inputs: list[list[torch.Tensor]],
+    inputs_of: Callable[[int], list[torch.Tensor]],
+    n: int,
     calls: BlockCalls,
     batches: Sequence[dict[str, torch.Tensor]],
     template: int | None,
     members: list[dict[str, list[str]]],
+    *,
+    checkpoints: Any = None,
+    say: Callable[[str], None] | None = None,
 ) -> dict[str, float]:
     """Σ_t ‖∂L/∂y_t‖² per group (block i's groups: ``members[i]``, full group name → layers relative to
-    the block), from the first ``len(inputs[0])`` batches: ``streams.dense`` holds their final hidden
-    states and ``inputs[i]`` block i's inputs. Divide by tokens × d_out for s_g."""
-    n = len(inputs[0]) if inputs else 0
-    grads = head_gradients(model, blocks, streams, n, batches, template)
-    sums: dict[str, float] = {}
-    for i in reversed(range(len(blocks))):
-        grads = block_gradients(blocks, i, source, device, streams, inputs[i], grads, calls[i], members[i], sums)
+    the block), from the first ``n`` batches: ``streams.dense`` holds their final hidden states and
+    ``inputs_of(i)`` block i's inputs. Divide by tokens × d_out for s_g. With ``checkpoints`` the
+    gradients are saved after every block, and a resumed run continues with the next block down."""
+    state = checkpoints.state.get("sensitivity") if checkpoints is not None else None
+    if state:
+        saved = checkpoints.load_tensors("ckpt-grads")
+        grads = [streams.park(saved[str(b)]) for b in range(n)]
+        sums, top = dict(state["sums"]), state["next"]
+    else:
+        grads, sums, top = head_gradients(model, blocks, streams, n, batches, template), {}, len(blocks) - 1
+    progress = Progress(say, "sensitivities", top + 1, unit="block")
+    for i in reversed(range(top + 1)):
+        grads = block_gradients(blocks, i, source, device, streams, inputs_of(i), grads, calls[i], members[i], sums)
+        if checkpoints is not None:
+            tensors = {"ckpt-grads": {str(b): g for b, g in enumerate(grads)}}
+            checkpoints.save(tensors, sensitivity={"next": i - 1, "sums": sums})
+        progress.step(blocks.name(i))
     return sums
 
 

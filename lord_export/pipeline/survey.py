@@ -34,6 +34,7 @@ from ..core.fingerprint import count_parameters
 from ..core.targets import pattern_matches, select_targets
 from ..device import model_device
 from ..errors import TargetError, UsageError
+from ..progress import Progress
 from .planner import build_groups, survey_groups
 from .sensitivity import (
     SensitivityProbe,
@@ -115,7 +116,12 @@ def survey(
 
 
 def streamed_survey(
-    engine: Any, batches: Sequence[dict[str, torch.Tensor]], blocks: Any, *, spill: Any = None
+    engine: Any,
+    batches: Sequence[dict[str, torch.Tensor]],
+    blocks: Any,
+    *,
+    spill: Any = None,
+    checkpoints: Any = None,
 ) -> Survey:
     """The survey of a model whose blocks are read one at a time (:class:`lord_export.pipeline.engine.Engine`).
 
@@ -126,6 +132,7 @@ def streamed_survey(
     give it and the factors are parked there, for :meth:`~lord_export.pipeline.engine.Engine.run`
     to truncate. With ``fisher``, the inputs of every block for the first batches are kept too and the
     sensitivities are measured block by block (:func:`lord_export.pipeline.sensitivity.streamed_sensitivities`).
+    With ``checkpoints`` every block's survey is saved, and a resumed run continues after the last one.
     """
     config = engine.config
     layers = select_targets(engine.model, config.targets, config.exclude)
@@ -136,24 +143,39 @@ def streamed_survey(
     fisher = config.allocation == "fisher"
     if fisher:
         check_causal_lm(engine.model)
-    t0 = time.perf_counter()
-    result = StreamedSurvey()
+    total = count_parameters(engine.model)
+    saved = checkpoints.state.get("survey") if checkpoints is not None else None
+    if saved and saved.get("done"):
+        engine.say("the survey was done before the interruption: resuming after it")
+        engine.source_fingerprints(saved["fingerprints"])
+        return StreamedSurvey.restore(saved, checkpoints).survey(total, saved["timings"])
+    result = StreamedSurvey.restore(saved, checkpoints) if saved else StreamedSurvey()
+    t0 = time.perf_counter() - (saved["seconds"] if saved else 0.0)
     with torch.no_grad(), exact_matmuls():
         setup = engine.begin(batches, blocks, two=False)
         n_fisher = min(sensitivity_batch_count(batches), len(setup.streams)) if fisher else 0
-        for i in range(len(blocks)):
+        start = saved["blocks_done"] if saved else 0
+        if start:
+            _restore_streams(setup.streams, checkpoints)
+            engine.source_fingerprints(saved["fingerprints"])
+            engine.say(f"resuming the survey after block {start} of {len(blocks)}")
+        progress = Progress(engine.say, "survey", len(blocks) - start, unit="block")
+        for i in range(start, len(blocks)):
             t_block = time.perf_counter()
-            result.inputs.append(setup.streams.dense[:n_fisher])
+            result.keep_inputs(i, setup.streams.dense[:n_fisher], checkpoints)
             block = engine.materialize(blocks, i)
             try:
                 kept, meta = _survey_block(
-                    engine, block, blocks.name(i), inside[i], setup, spill is not None, i, result
+                    engine, block, blocks.name(i), inside[i], setup.calls[i], setup.streams, spill is not None, result
                 )
             finally:
                 engine.source.release(block)
             if spill is not None:
                 spill.put(i, kept, {**meta, "seconds": time.perf_counter() - t_block})
-            engine.say(f"survey: block {i + 1}/{len(blocks)} ({time.perf_counter() - t_block:.1f} s)")
+            if checkpoints is not None:
+                state = result.state(i + 1, time.perf_counter() - t0, getattr(engine.source, "fingerprints", {}))
+                checkpoints.save(_stream_tensors(setup.streams) | result.spectra(), survey=state)
+            progress.step(blocks.name(i))
     t1 = time.perf_counter()
     if n_fisher:
         engine.say(f"sensitivities: the loss's gradient carried back through {len(blocks)} blocks")
@@ -163,11 +185,14 @@ def streamed_survey(
             engine.source,
             engine.device,
             setup.streams,
-            result.inputs,
+            result.inputs_of,
+            n_fisher,
             setup.calls,
             batches,
             setup.template,
             result.members,
+            checkpoints=checkpoints,
+            say=engine.say,
         )
         tokens = sum(
             int(c.mask.sum()) if c.mask is not None else setup.streams.dense[b].shape[:2].numel()
@@ -175,28 +200,93 @@ def streamed_survey(
         )
         for c in result.curves:
             c.sensitivity = sums.get(c.name, 0.0) / (max(tokens, 1) * max(c.d_out, 1))
-    timings = {"survey_s": round(t1 - t0, 3), "sensitivity_s": round(time.perf_counter() - t1, 3)}
-    total = count_parameters(engine.model)
-    return Survey(result.curves, result.fixed_removed, result.fixed, total, None, {}, timings)
+    timings = {
+        "survey_s": round(t1 - t0, 3),
+        "sensitivity_s": round(time.perf_counter() - t1, 3),
+        **engine.times.rounded(),
+    }
+    if checkpoints is not None:
+        state = result.state(len(blocks), t1 - t0, getattr(engine.source, "fingerprints", {}))
+        checkpoints.save(result.spectra(), survey={**state, "done": True, "timings": timings})
+    return result.survey(total, timings)
+
+
+def _stream_tensors(streams: Any) -> dict[str, dict[str, torch.Tensor]]:
+    return {"ckpt-streams": {f"dense.{b}": h for b, h in enumerate(streams.dense)}}
+
+
+def _restore_streams(streams: Any, checkpoints: Any) -> None:
+    saved = checkpoints.load_tensors("ckpt-streams")
+    for b in range(len(streams)):
+        streams.dense[b] = streams.park(saved[f"dense.{b}"])
 
 
 @dataclass
 class StreamedSurvey:
-    """What :func:`streamed_survey` collects block by block."""
+    """What :func:`streamed_survey` collects block by block (and what its checkpoints save)."""
 
     curves: list[GroupCurve] = field(default_factory=list)
     fixed: dict[str, int | None] = field(default_factory=dict)
     fixed_removed: int = 0
     members: list[dict[str, list[str]]] = field(default_factory=list)  # per block: curve name → layers
-    inputs: list[list[torch.Tensor]] = field(default_factory=list)  # per block: the fisher batches' inputs
+    inputs: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # the fisher batches' inputs, in memory
+    checkpoints: Any = None  # where the inputs are kept instead (a resumable run)
+
+    def keep_inputs(self, i: int, hiddens: list[torch.Tensor], checkpoints: Any) -> None:
+        """Block ``i``'s inputs for the sensitivity pass: on disk in a resumable run, else in memory."""
+        if not hiddens:
+            return
+        if checkpoints is not None:
+            self.checkpoints = checkpoints
+            checkpoints.save_tensors(f"ckpt-inputs-{i}", {str(b): h for b, h in enumerate(hiddens)})
+        else:
+            self.inputs[i] = list(hiddens)
+
+    def inputs_of(self, i: int) -> list[torch.Tensor]:
+        if i in self.inputs:
+            return self.inputs[i]
+        saved = self.checkpoints.load_tensors(f"ckpt-inputs-{i}")
+        return [saved[str(b)] for b in range(len(saved))]
+
+    def spectra(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {"ckpt-spectra": {c.name: c.spectrum for c in self.curves}}
+
+    def state(self, blocks_done: int, seconds: float, fingerprints: dict) -> dict[str, Any]:
+        curves = [
+            {"name": c.name, "kind": c.kind, "d_in": c.d_in, "d_out": c.d_out, "sensitivity": c.sensitivity}
+            for c in self.curves
+        ]
+        return {
+            "blocks_done": blocks_done,
+            "seconds": seconds,
+            "curves": curves,
+            "fixed": self.fixed,
+            "fixed_removed": self.fixed_removed,
+            "members": self.members,
+            "fingerprints": fingerprints,
+        }
+
+    @classmethod
+    def restore(cls, state: dict[str, Any], checkpoints: Any) -> StreamedSurvey:
+        spectra = checkpoints.load_tensors("ckpt-spectra") if state["curves"] else {}
+        curves = [
+            GroupCurve(c["name"], c["kind"], c["d_in"], c["d_out"], spectra[c["name"]], c["sensitivity"])
+            for c in state["curves"]
+        ]
+        return cls(curves, dict(state["fixed"]), state["fixed_removed"], list(state["members"]), {}, checkpoints)
+
+    def survey(self, total: int, timings: dict[str, float]) -> Survey:
+        return Survey(self.curves, self.fixed_removed, self.fixed, total, None, {}, timings)
 
 
-def _survey_block(engine, block, prefix, local, setup, keep, i, result: StreamedSurvey) -> tuple[dict, dict]:
-    """Calibrate block ``i`` on the dense stream (advancing it) and survey its groups into ``result``;
+def _survey_block(engine, block, prefix, local, calls, streams, keep, result: StreamedSurvey) -> tuple[dict, dict]:
+    """Calibrate ``block`` on the dense stream (advancing it) and survey its groups into ``result``;
     returns what the spill keeps of the block: (kept factor tensors, their description)."""
-    streams = setup.streams
-    with Calibrator(block, local, batch_hooks=False, stats_device=engine.stats_device) as cal:
-        for b, call in enumerate(setup.calls[i]):
+    with (
+        engine.times("survey_calibrate_s"),
+        Calibrator(block, local, batch_hooks=False, stats_device=engine.stats_device) as cal,
+    ):
+        for b, call in enumerate(calls):
             cal.begin_batch(call.mask)
             streams.dense[b] = streams.park(run_block(block, streams.load(streams.dense[b]), call))
             cal.end_batch()
@@ -209,9 +299,10 @@ def _survey_block(engine, block, prefix, local, setup, keep, i, result: Streamed
             warn_few_tokens(calibration)
             engine._add_warnings(calibration.warnings)
         groups = build_groups(local, calibration.input_of, engine.config.grouping)
-        surveyed = survey_groups(
-            dict(block.named_modules()), groups, calibration, engine.config, prefix=prefix, keep=keep
-        )
+        with engine.times("survey_factorize_s"):
+            surveyed = survey_groups(
+                dict(block.named_modules()), groups, calibration, engine.config, prefix=prefix, keep=keep
+            )
         result.curves.extend(surveyed.curves)
         result.fixed.update(surveyed.fixed)
         result.fixed_removed += surveyed.fixed_removed

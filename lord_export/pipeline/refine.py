@@ -1,0 +1,199 @@
+"""Block refinement: after a block's closed-form factors, fit its LoRD parameters to the DENSE block.
+
+The closed forms are optimal for each matrix on its own and cannot see what comes after a layer
+(attention's softmax, the MLP's activation, the other layers of the block). Refinement optimizes the
+block's LoRD parameters - shared bottlenecks B, up-projections A, member biases; every dense
+parameter of the block frozen - so that the LoRD block fed the compressed-path inputs X̂ reproduces
+the dense block's output on the dense inputs X (the block-level reconstruction of AA-SVD and
+AutoRound):
+
+    min over the LoRD parameters of  Σ_t ‖f_LoRD(X̂)_t − f_dense(X)_t‖² / Σ_t ‖f_dense(X)_t‖²
+
+summed over real (unpadded) tokens. Adam from the closed form, in float32 (factors stored in bfloat16
+get float32 master copies for the length of the fit), one calibration batch per step. The last
+batches of the calibration set are held out (never trained on); the held-out error is measured before
+the first step and every few steps, and the parameters with the lowest held-out error are kept - the
+closed form included, so refinement never makes the block worse on held-out tokens. Memory is one
+block plus the two streams the engine keeps anyway.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..calibration.blocks import BlockCall, run_block
+from ..core.modules import LordBottleneck, LordLinear
+from ..errors import UsageError
+
+REFINE_MODES = ("none", "block")
+
+
+@dataclass
+class RefineConfig:
+    """How a block is refined; validated on construction. Field help is in ``metadata["help"]``."""
+
+    steps: int = field(default=64, metadata={"help": "at most this many Adam steps per block (one batch each)"})
+    lr: float = field(default=1e-4, metadata={"help": "Adam's learning rate (cosine decay to a tenth)"})
+    holdout: float = field(
+        default=0.125, metadata={"help": "share of the calibration batches held out for early stopping"}
+    )
+    eval_every: int = field(default=8, metadata={"help": "steps between held-out measurements"})
+    patience: int = field(default=3, metadata={"help": "measurements without improvement before stopping"})
+
+    def __post_init__(self) -> None:
+        if int(self.steps) < 1:
+            raise UsageError(f"refinement needs steps >= 1, got {self.steps}")
+        if not self.lr > 0:
+            raise UsageError(f"refinement needs a learning rate > 0, got {self.lr}")
+        if not 0 < self.holdout < 1:
+            raise UsageError(f"the held-out share must be in (0, 1), got {self.holdout}")
+        if int(self.eval_every) < 1 or int(self.patience) < 1:
+            raise UsageError("eval_every and patience must be >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def lord_parameters(block: nn.Module) -> list[nn.Parameter]:
+    """The block's LoRD parameters (bottlenecks, up-projections, member biases), each once."""
+    seen: dict[int, nn.Parameter] = {}
+    for m in block.modules():
+        if isinstance(m, (LordBottleneck, LordLinear)):
+            for p in m.parameters(recurse=False):
+                seen.setdefault(id(p), p)
+    return list(seen.values())
+
+
+def split_batches(n: int, holdout: float) -> tuple[list[int], list[int]]:
+    """(training, held-out) batch indices: the last ``max(1, round(holdout·n))`` are held out; a single
+    batch is both (there is nothing to hold out)."""
+    if n < 2:
+        return list(range(n)), list(range(n))
+    held = max(1, min(n - 1, round(holdout * n)))
+    return list(range(n - held)), list(range(n - held, n))
+
+
+def refine_block(
+    block: nn.Module,
+    calls: Sequence[BlockCall],
+    inputs: Sequence[torch.Tensor],
+    targets: Sequence[torch.Tensor],
+    config: RefineConfig,
+    *,
+    load: Any = lambda t: t,
+) -> dict[str, Any] | None:
+    """Refine ``block``'s LoRD parameters in place (module docstring); returns what happened (None for a
+    block without LoRD layers). ``inputs``: the compressed-path inputs per batch; ``targets``: the dense
+    block's outputs per batch; ``load`` brings a parked tensor to the compute device."""
+    params = lord_parameters(block)
+    if not params:
+        return None
+    t0 = time.perf_counter()
+    train, held = split_batches(len(calls), config.holdout)
+    calls = [cast_call(c, torch.float32) for c in calls]
+    with in_float32(block, params):
+        start = [p.detach().clone() for p in params]
+        first = best = _held_out_error(block, calls, inputs, targets, held, load)
+        best_state = None
+        optimizer = torch.optim.Adam(params, lr=config.lr)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda i: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(i, config.steps) / config.steps))
+        )
+        steps = stale = 0
+        with torch.enable_grad():
+            while steps < config.steps and stale < config.patience:
+                b = train[steps % len(train)]
+                loss = _error(block, calls[b], inputs[b], targets[b], load)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                steps += 1
+                if steps % config.eval_every == 0 or steps == config.steps:
+                    now = _held_out_error(block, calls, inputs, targets, held, load)
+                    if now < best:
+                        best, best_state, stale = now, [p.detach().clone() for p in params], 0
+                    else:
+                        stale += 1
+        with torch.no_grad():
+            for p, keep in zip(params, best_state or start, strict=True):
+                p.copy_(keep)
+    return {
+        "held_out_error_before": math.sqrt(first),
+        "held_out_error_after": math.sqrt(best),
+        "steps": steps,
+        "improved": best_state is not None,
+        "held_out_batches": len(held) if len(calls) > 1 else 0,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+
+
+@contextlib.contextmanager
+def in_float32(block: nn.Module, trained: Sequence[nn.Parameter]) -> Iterator[None]:
+    """The block in float32 (the trained parameters' float32 master copies) with only ``trained``
+    requiring gradients; afterwards every tensor back in its dtype and ``requires_grad`` as it was."""
+    dtypes = {id(t): t.dtype for t in list(block.parameters()) + list(block.buffers())}
+    requires = {id(p): p.requires_grad for p in block.parameters()}
+    block.requires_grad_(False)
+    block.float()
+    for p in trained:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for t in list(block.parameters()) + list(block.buffers()):
+            t.data = t.data.to(dtypes.get(id(t), t.dtype))
+        for p in block.parameters():
+            p.requires_grad_(requires.get(id(p), False))
+
+
+def cast_call(call: BlockCall, dtype: torch.dtype) -> BlockCall:
+    """``call`` with its floating-point tensors (masks, rotary tables) in ``dtype``."""
+
+    def cast(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return v.to(dtype) if v.is_floating_point() else v
+        if isinstance(v, (tuple, list)):
+            return type(v)(cast(x) for x in v)
+        if isinstance(v, dict):
+            return {k: cast(x) for k, x in v.items()}
+        return v
+
+    return BlockCall(cast(call.args), cast(call.kwargs), call.mask)
+
+
+def _error(block, call, x, y, load) -> torch.Tensor:
+    """Σ‖f(x) − y‖² / Σ‖y‖² over the batch's real tokens (float32)."""
+    out = run_block(block, load(x).float(), call).float()
+    target = load(y).float()
+    diff = (out - target).square().sum(-1)
+    ref = target.square().sum(-1)
+    if call.mask is not None and diff.shape == call.mask.shape:
+        m = call.mask.to(diff.device, diff.dtype)
+        diff, ref = diff * m, ref * m
+    return diff.sum() / ref.sum().clamp_min(1e-30)
+
+
+@torch.no_grad()
+def _held_out_error(block, calls, inputs, targets, held, load) -> float:
+    """The relative squared error over the held-out batches (summed, then divided)."""
+    num = den = 0.0
+    for b in held:
+        out = run_block(block, load(inputs[b]).float(), calls[b]).float()
+        target = load(targets[b]).float()
+        diff, ref = (out - target).square().sum(-1), target.square().sum(-1)
+        mask = calls[b].mask
+        if mask is not None and diff.shape == mask.shape:
+            m = mask.to(diff.device, diff.dtype)
+            diff, ref = diff * m, ref * m
+        num += float(diff.sum())
+        den += float(ref.sum())
+    return num / max(den, 1e-30)
