@@ -13,6 +13,9 @@ from .errors import UsageError
 
 CALIBRATION_MODES = ("independent", "sequential", "compensating")
 REFINE_MODES = ("none", "block")
+#: The default refinement, chosen from the measurements in benchmarks/RESULTS.md.
+DEFAULT_REFINE = "none"
+OUTPUT_WEIGHTINGS = ("fisher", "none")
 #: The default calibration mode, chosen from the measurements in benchmarks/RESULTS.md.
 DEFAULT_CALIBRATION = "independent"
 
@@ -37,6 +40,17 @@ def check_param_ratio(value: Any) -> float:
     if not 0.0 < p <= 1.0:
         raise UsageError(f"parameter ratio must be in (0, 1], got {value!r}")
     return p
+
+
+def check_ppl_increase(value: Any) -> float:
+    """``value`` as a perplexity increase bound: a number > 0 (0.05 is +5%)."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"the perplexity increase bound must be a number > 0, got {value!r}") from None
+    if not x > 0 or not x < 100:
+        raise UsageError(f"the perplexity increase bound must be > 0 (0.05 is +5%), got {value!r}")
+    return x
 
 
 def _check_override(pattern: Any, value: Any) -> float | str:
@@ -100,6 +114,14 @@ class LordConfig:
             "the allocation (exclusive with rank_reduction)"
         },
     )
+    max_ppl_increase: float | None = field(
+        default=None,
+        metadata={
+            "help": "compress to a quality target: the smallest whole-model parameter ratio whose held-out "
+            "perplexity increase stays within this fraction (0.05: +5%), found by a bisection over ratios on the "
+            "held-out calibration blocks (exclusive with rank_reduction and param_ratio)"
+        },
+    )
     allocation: str = field(
         default=DEFAULT_ALLOCATION,
         metadata={
@@ -143,8 +165,16 @@ class LordConfig:
         },
     )
 
+    output_weighting: str = field(
+        default="fisher",
+        metadata={
+            "help": "fisher: where the fisher allocation measures the LM loss's gradients, each group's closed form "
+            "fits its outputs weighted by their per-feature Fisher (the directions the loss reacts to are kept "
+            "first); none: every output direction counts the same"
+        },
+    )
     refine: str = field(
-        default="none",
+        default=DEFAULT_REFINE,
         metadata={
             "help": "block: after each block's closed form, fit its LoRD parameters so that the block fed the "
             "compressed model's activations reproduces the dense block's output (Adam, early-stopped on held-out "
@@ -161,12 +191,15 @@ class LordConfig:
             self.exclude = (self.exclude,)
         self.targets = tuple(self.targets)
         self.exclude = tuple(self.exclude)
-        if self.rank_reduction is not None and self.param_ratio is not None:
-            raise UsageError("give either a rank reduction or a parameter ratio, not both")
-        if self.param_ratio is None:
-            self.rank_reduction = check_rank_reduction(0.3 if self.rank_reduction is None else self.rank_reduction)
-        else:
+        sizes = [n for n in ("rank_reduction", "param_ratio", "max_ppl_increase") if getattr(self, n) is not None]
+        if len(sizes) > 1:
+            raise UsageError(f"give one of a rank reduction, a parameter ratio or a quality target, not {sizes}")
+        if self.param_ratio is not None:
             self.param_ratio = check_param_ratio(self.param_ratio)
+        elif self.max_ppl_increase is not None:
+            self.max_ppl_increase = check_ppl_increase(self.max_ppl_increase)
+        else:
+            self.rank_reduction = check_rank_reduction(0.3 if self.rank_reduction is None else self.rank_reduction)
         if self.allocation not in ALLOCATIONS:
             raise UsageError(f"unknown allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
         self.overrides = {str(k): _check_override(k, v) for k, v in dict(self.overrides or {}).items()}
@@ -177,6 +210,10 @@ class LordConfig:
         if self.calibration not in CALIBRATION_MODES:
             raise UsageError(
                 f"unknown calibration mode {self.calibration!r}; choose one of {', '.join(CALIBRATION_MODES)}"
+            )
+        if self.output_weighting not in OUTPUT_WEIGHTINGS:
+            raise UsageError(
+                f"unknown output weighting {self.output_weighting!r}; choose one of {', '.join(OUTPUT_WEIGHTINGS)}"
             )
         if self.refine not in REFINE_MODES:
             raise UsageError(f"unknown refinement {self.refine!r}; choose one of {', '.join(REFINE_MODES)}")

@@ -42,11 +42,11 @@ class Progress:
         self.done += n
         elapsed = now - self.start
         left = elapsed / self.done * (self.total - self.done) if self.done else 0.0
-        unit = f" {self.unit}" if self.unit else ""
         timing = f"{seconds(took)}, {seconds(elapsed)} elapsed"
         if self.done < self.total:
             timing += f", about {seconds(left)} left"
-        self.say(f"{self.phase}:{unit} {self.done}/{self.total}{' ' + detail if detail else ''} ({timing})")
+        head = f"{self.phase}: {self.unit}" if self.unit else self.phase
+        self.say(f"{head} {self.done}/{self.total}{' ' + detail if detail else ''} ({timing})")
         return took
 
     @property

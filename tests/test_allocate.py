@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-from cli_runner import run_cli
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -17,6 +16,7 @@ from lord_export.core.fingerprint import count_parameters
 from lord_export.errors import TargetError, UsageError
 from lord_export.pipeline.model_dir import SPILL_DIR
 from lord_export.pipeline.survey import fisher_sensitivities
+from tests.cli_runner import run_cli
 from tests.helpers import correlated_batches, tiny_model
 
 SHAPES = {"qkv": (64, 128), "o": (64, 64), "gate_up": (64, 320), "down": (160, 64)}
@@ -251,7 +251,7 @@ def test_one_pass_budget_equals_survey_then_compression(method, tmp_path):
         engine = Engine(model, config, device="cpu")
         spill = FactorSpill(tmp_path / "spill") if one_pass else None
         budget = plan_budget(model, batches, config, [], surveyed=streamed_survey(engine, batches, blocks, spill=spill))
-        engine.ranks = budget.ranks
+        engine.ranks, engine.fisher = budget.ranks, budget.fisher
         result = engine.run(batches, blocks, spill=spill if one_pass else None)
         results[one_pass] = (budget.ranks, result, model)
         if one_pass:
@@ -270,3 +270,41 @@ def test_one_pass_budget_equals_survey_then_compression(method, tmp_path):
         torch.testing.assert_close(one.tensors[name], t, rtol=1e-5, atol=1e-6)
     ids = batches[0]["input_ids"]
     torch.testing.assert_close(model1(input_ids=ids).logits, model2(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_fisher_output_weighting_is_exact_in_its_norm_and_neutral_when_flat():
+    """The closed form weighted by the loss's per-feature Fisher is optimal in the weighted norm (each
+    group's error equals its bound); with a flat Fisher it gives the unweighted factors."""
+    from lord_export.core import factorize as fz
+    from lord_export.pipeline.planner import factorize_group
+    from lord_export.pipeline.sensitivity import OutputFisher
+
+    model = tiny_model("llama", torch.float64)
+    plan = le.compress(model, correlated_batches(seq=40), param_ratio=0.8)
+    assert plan.report["budget"]["output_weighting"] == "fisher"
+    for g in plan.factorized_groups:
+        assert g.relative_error == pytest.approx(g.optimal_relative_error, rel=1e-6), g.name
+
+    dense = tiny_model("llama", torch.float64)
+    layers = le.select_targets(dense, ("all",))
+    cal = le.calibrate(dense, correlated_batches(seq=40), layers)
+    modules = dict(dense.named_modules())
+    flat = OutputFisher({n: torch.full((modules[n].weight.shape[0],), 3.0, dtype=torch.float64) for n in layers}, 1)
+    from lord_export.pipeline.planner import build_groups, describe_group
+
+    for names in build_groups(layers, cal.input_of, True)[:4]:
+        g = describe_group(modules, names, le.LordConfig(rank_reduction=0.5, force=True))
+        plain = factorize_group(modules, g, cal.of(names[0]), "lord")
+        weighted = factorize_group(modules, g, cal.of(names[0]), "lord", fisher=flat)
+        for m in g.members:  # the same A B (a constant weight only moves a scale between the factors)
+            b = f"{g.bottleneck_name}.weight"
+            torch.testing.assert_close(
+                weighted[f"{m.name}.weight"] @ weighted[b], plain[f"{m.name}.weight"] @ plain[b], rtol=0, atol=1e-10
+            )
+        assert g.relative_error == pytest.approx(
+            fz.optimal_relative_error(
+                fz.output_spectrum(torch.cat([modules[m.name].weight for m in g.members]), cal.of(names[0]).C)[0],
+                g.rank,
+            ),
+            rel=1e-6,
+        )

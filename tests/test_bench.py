@@ -7,7 +7,6 @@ import shutil
 
 import pytest
 import torch
-from cli_runner import run_cli
 from safetensors.torch import load_file, save_file
 
 import lord_export as le
@@ -17,6 +16,7 @@ from lord_export.measure.backends import BACKENDS, parse_backends
 from lord_export.measure.bench import check_same_base
 from lord_export.measure.flops import forward_flops
 from lord_export.persist.hf import load_dense
+from tests.cli_runner import run_cli
 
 
 def has_optimum() -> bool:

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_runner import run_cli
 
 import lord_export as le
+from tests.cli_runner import run_cli
 
 
 def test_compress_writes_a_loadable_directory_with_a_report(tiny_llama_dir, code_corpus, tmp_path):

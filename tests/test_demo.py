@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_runner import run_cli
 from safetensors import safe_open
 
 from lord_export.calibration.data import document_windows, read_documents, text_files
@@ -26,6 +25,7 @@ from lord_export.measure.reference import (
 )
 from lord_export.persist.hf import load_dense, load_tokenizer
 from lord_export.pipeline.evaluate import perplexity
+from tests.cli_runner import run_cli
 
 
 def test_split_is_by_path_hash_disjoint_and_complete():

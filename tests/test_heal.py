@@ -8,10 +8,10 @@ import subprocess
 
 import pytest
 import torch
-from cli_runner import run_cli
 
 import lord_export
 from lord_export.pipeline.heal import heal
+from tests.cli_runner import run_cli
 from tests.helpers import correlated_batches, tiny_model
 
 

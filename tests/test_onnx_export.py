@@ -9,7 +9,6 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from cli_runner import run_cli
 
 import lord_export as le
 from lord_export.calibration.data import document_windows
@@ -32,6 +31,7 @@ from lord_export.export.tensorrt import (
     unsupported_ops,
 )
 from lord_export.pipeline.evaluate import perplexity
+from tests.cli_runner import run_cli
 from tests.helpers import STORIES_MODEL, STORIES_TEXT, correlated_batches, needs_shared_data, tiny_model
 
 

@@ -70,9 +70,9 @@ def tensors(directory) -> dict[str, torch.Tensor]:
 CASES = {
     "rank-reduction": (le.LordConfig(rank_reduction=0.5), [1, 3]),
     "compensating": (le.LordConfig(rank_reduction=0.5, calibration="compensating"), [2]),
-    # survey blocks 1-4, sensitivity blocks 5-8, survey done 9, write blocks 10-13
-    "ratio-fisher": (le.LordConfig(param_ratio=0.85), [2, 6, 9, 11]),
-    "ratio-compensating": (le.LordConfig(param_ratio=0.85, calibration="compensating"), [3, 10]),
+    # checkpoints: Fisher forward 1-4, backward 5-8, Fisher done 9, survey 10-13, survey done 14, write 15-18
+    "ratio-fisher": (le.LordConfig(param_ratio=0.85), [2, 6, 9, 11, 14, 16]),
+    "ratio-compensating": (le.LordConfig(param_ratio=0.85, calibration="compensating"), [3, 12, 17]),
 }
 
 

@@ -20,6 +20,7 @@ into non-overlapping windows (see :mod:`lord_export.pipeline.evaluate`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Iterable, Iterator, Sequence
@@ -152,19 +153,22 @@ def resolve_seqlen(requested: int | None, max_positions: int | None, default: in
 class CalibrationOptions:
     """How calibration text becomes model batches; validated on construction."""
 
-    samples: int = DEFAULT_SAMPLES
+    samples: int | None = DEFAULT_SAMPLES  # None: sized to the model (:func:`samples_for`)
     seqlen: int | None = None  # None: DEFAULT_SEQLEN or the model's maximum positions, whichever is smaller
     separator: str | None = None
     batch_size: int = 8
     packing: bool | None = None  # None: pack for causal LMs, one document per sequence for encoders
+    holdout: float = 0.0  # the share of the blocks held out from fitting, to measure the result on
 
     def __post_init__(self) -> None:
-        if int(self.samples) < 1:
+        if self.samples is not None and int(self.samples) < 1:
             raise UsageError(f"calibration samples must be >= 1, got {self.samples}")
         if self.seqlen is not None and int(self.seqlen) < 2:
             raise UsageError(f"calibration sequence length must be >= 2, got {self.seqlen}")
         if int(self.batch_size) < 1:
             raise UsageError(f"batch size must be >= 1, got {self.batch_size}")
+        if not 0 <= float(self.holdout) < 1:
+            raise UsageError(f"the held-out share must be in [0, 1), got {self.holdout}")
 
 
 @dataclass
@@ -194,6 +198,20 @@ class CalibrationSet:
             "tokens_in_blocks": self.tokens,
         }
 
+    def split(self, holdout: float) -> tuple[CalibrationSet, CalibrationSet | None]:
+        """(the blocks to fit on, the last ``max(1, round(holdout × blocks))`` blocks held out for measuring
+        the result: never fitted on). ``holdout`` 0, or a single block, holds nothing out."""
+        n = int(self.input_ids.shape[0])
+        held = 0 if holdout <= 0 or n < 2 else max(1, min(n - 1, round(holdout * n)))
+        if not held:
+            return self, None
+
+        def part(rows: slice) -> CalibrationSet:
+            ids, mask = self.input_ids[rows], self.attention_mask[rows]
+            return CalibrationSet(ids, mask, self.seqlen, self.batch_size, self.paths, self.separator)
+
+        return part(slice(0, n - held)), part(slice(n - held, n))
+
 
 def calibration_set(
     tokenizer: Any,
@@ -206,6 +224,8 @@ def calibration_set(
     """Read, tokenize and block the calibration data (see the module docstring)."""
     options = options or CalibrationOptions()
     seqlen = resolve_seqlen(options.seqlen, max_positions, default_seqlen)
+    if options.samples is None:
+        options = dataclasses.replace(options, samples=DEFAULT_SAMPLES)
     docs = read_documents(paths, options.separator)
     if options.packing is False:
         ids, mask = tokenize_documents(tokenizer, docs, samples=options.samples, seqlen=seqlen)
@@ -241,6 +261,32 @@ def tokenize_documents(
         out[r, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         mask[r, : len(ids)] = 1
     return out, mask
+
+
+#: Calibration tokens per feature of the widest targeted input the default size aims at: a d × d
+#: covariance estimated from n tokens is full rank only for n ≥ d, and its small eigen-directions settle
+#: at a few times d. Runs under :data:`TOKENS_PER_FEATURE_WARN` are warned about.
+TOKENS_PER_FEATURE = 4
+TOKENS_PER_FEATURE_WARN = 2
+
+
+def samples_for(widest_input: int, seqlen: int) -> int:
+    """The default number of calibration blocks for a model whose widest targeted input has
+    ``widest_input`` features: :data:`DEFAULT_SAMPLES`, or more to reach :data:`TOKENS_PER_FEATURE`
+    tokens per feature."""
+    return max(DEFAULT_SAMPLES, -(-TOKENS_PER_FEATURE * widest_input // seqlen))
+
+
+def calibration_size_warning(tokens: int, widest_input: int) -> str | None:
+    """A warning when ``tokens`` calibration tokens are under :data:`TOKENS_PER_FEATURE_WARN` per feature
+    of the widest targeted input (None when enough)."""
+    if tokens >= TOKENS_PER_FEATURE_WARN * widest_input:
+        return None
+    return (
+        f"calibration has {tokens:,} tokens for inputs up to {widest_input:,} features wide "
+        f"({tokens / widest_input:.1f} per feature): the covariances of the widest inputs are poorly estimated and "
+        f"the factors lose quality; use at least {TOKENS_PER_FEATURE * widest_input:,} tokens (more samples)"
+    )
 
 
 def uses_packing(config: Any) -> bool:

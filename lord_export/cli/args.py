@@ -22,12 +22,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from ..calibration.data import DEFAULT_SAMPLES, DEFAULT_SEQLEN, CalibrationOptions
+from ..calibration.data import DEFAULT_SAMPLES, DEFAULT_SEQLEN, TOKENS_PER_FEATURE, CalibrationOptions
 from ..config import (
     CALIBRATION_MODES,
     DEFAULT_CALIBRATION,
+    DEFAULT_REFINE,
+    OUTPUT_WEIGHTINGS,
+    REFINE_MODES,
     LordConfig,
     check_param_ratio,
+    check_ppl_increase,
     check_rank_reduction,
     parse_override,
 )
@@ -90,6 +94,7 @@ def _typed(check: Any):
 
 
 rank_reduction = _typed(check_rank_reduction)
+ppl_increase = _typed(check_ppl_increase)
 param_ratio = _typed(check_param_ratio)
 override = _typed(parse_override)
 
@@ -113,6 +118,17 @@ def non_negative_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def holdout_share(text: str) -> float:
+    """argparse type: a share in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
     return value
 
 
@@ -150,6 +166,9 @@ def config_help(name: str) -> str:
 COMPRESSION_OPTIONS = (
     Option("--rank-reduction", dict(type=rank_reduction, metavar="R", help=config_help("rank_reduction")), (), "size"),
     Option("--param-ratio", dict(type=param_ratio, metavar="P", help=config_help("param_ratio")), (), "size"),
+    Option(
+        "--max-ppl-increase", dict(type=ppl_increase, metavar="X", help=config_help("max_ppl_increase")), (), "size"
+    ),
     Option("--allocation", dict(choices=ALLOCATIONS, default=DEFAULT_ALLOCATION, help=config_help("allocation"))),
     Option(
         "--override",
@@ -175,6 +194,12 @@ COMPRESSION_OPTIONS = (
         "--calibration",
         dict(choices=CALIBRATION_MODES, default=DEFAULT_CALIBRATION, help=config_help("calibration")),
     ),
+    Option(
+        "--output-weighting", dict(choices=OUTPUT_WEIGHTINGS, default="fisher", help=config_help("output_weighting"))
+    ),
+    Option("--refine", dict(choices=REFINE_MODES, default=DEFAULT_REFINE, help=config_help("refine"))),
+    Option("--refine-steps", dict(type=positive_int, default=64, metavar="N", help=config_help("refine_steps"))),
+    Option("--refine-lr", dict(type=positive_float, default=1e-4, metavar="LR", help=config_help("refine_lr"))),
 )
 
 SEPARATOR = Option(
@@ -194,7 +219,14 @@ CALIBRATION_OPTIONS = (
     ),
     Option(
         "--calib-samples",
-        dict(type=positive_int, default=DEFAULT_SAMPLES, metavar="N", help="number of calibration blocks"),
+        dict(
+            type=positive_int,
+            default=None,
+            metavar="N",
+            help=f"number of calibration blocks (default: {DEFAULT_SAMPLES}, or more for a model with wider layer "
+            f"inputs: at least {TOKENS_PER_FEATURE} tokens per feature of the widest targeted input, so that its "
+            "covariance is well estimated)",
+        ),
     ),
     Option(
         "--calib-seqlen",
@@ -285,6 +317,7 @@ def calibration_options(args: argparse.Namespace, prefix: str = "") -> Calibrati
         seqlen=getattr(args, p + "calib_seqlen"),
         separator=getattr(args, p + "separator"),
         batch_size=getattr(args, p + "batch_size"),
+        holdout=getattr(args, p + "holdout", 0.0),
     )
 
 
@@ -403,6 +436,7 @@ def config_from_args(args: argparse.Namespace, prefix: str = "") -> LordConfig:
     return LordConfig(
         rank_reduction=get("rank_reduction"),
         param_ratio=get("param_ratio"),
+        max_ppl_increase=get("max_ppl_increase"),
         allocation=get("allocation"),
         overrides=dict(get("override") or []),
         method=get("method"),
@@ -412,4 +446,8 @@ def config_from_args(args: argparse.Namespace, prefix: str = "") -> LordConfig:
         rank_multiple=get("rank_multiple"),
         force=bool(get("force", False)),
         calibration=get("calibration"),
+        output_weighting=get("output_weighting", "fisher"),
+        refine=get("refine", DEFAULT_REFINE),
+        refine_steps=get("refine_steps", 64),
+        refine_lr=get("refine_lr", 1e-4),
     )

@@ -16,6 +16,8 @@ from .args import (
     calibration_options,
     config_from_args,
     dtype_arg,
+    holdout_share,
+    non_negative_int,
     overwrite_mode,
 )
 
@@ -38,6 +40,33 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
     )
     add_config_args(c)
     add_calibration_args(c)
+    s = c.add_argument_group("after the compression (on the whole compressed model)")
+    s.add_argument(
+        "--holdout",
+        type=holdout_share,
+        default=0.125,
+        metavar="F",
+        help="share of the calibration blocks held out from fitting: the stage report, the sanity check and the "
+        "quality target are measured on them (0: none held out)",
+    )
+    s.add_argument(
+        "--finetune-steps",
+        type=non_negative_int,
+        default=0,
+        metavar="N",
+        help="append the end-to-end stage: N AdamW steps of the factors distilled from the dense model (the KL of "
+        "the logits and every block's hidden states) on the calibration blocks; 0: none",
+    )
+    s.add_argument(
+        "--measure",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="report the held-out perplexity after each stage and greedy continuations, dense vs compressed "
+        "(default: for models up to 3B parameters; both models are loaded whole)",
+    )
+    s.add_argument(
+        "--sanity-prompts", type=non_negative_int, default=3, metavar="N", help="greedy continuations to compare"
+    )
     add_dtype_args(c, what="one dtype to load, compute and store everything in")
     add_device_args(c, stats=True)
     c.add_argument(
@@ -105,6 +134,9 @@ def _compress(args: argparse.Namespace, device: str, stats_device: str | None, s
         max_shard_bytes=parse_size(args.max_shard_size),
         trust_remote_code=args.trust_remote_code,
         resume=args.resume,
+        finetune_steps=args.finetune_steps,
+        measure=args.measure,
+        sanity_prompts=args.sanity_prompts,
         progress=say,
         bars=not args.quiet,
     )

@@ -26,7 +26,13 @@ from torch import nn
 from ..core.apply import apply_plan
 from ..core.plan import QUANT_METHOD, Plan, plan_from_quantization_config, quantization_config_from_plan
 from ..errors import ForeignOutputError, OutputExistsError, PlanError, UsageError
-from .checkpoint import DEFAULT_MAX_SHARD_BYTES, WEIGHTS_FILE, CheckpointReader, ShardWriter  # noqa: F401 (re-export)
+from .checkpoint import (  # noqa: F401 (re-export)
+    DEFAULT_MAX_SHARD_BYTES,
+    INDEX_FILE,
+    WEIGHTS_FILE,
+    CheckpointReader,
+    ShardWriter,
+)
 
 PLAN_FILE = "lord_plan.json"
 REPORT_FILE = "report.json"
@@ -147,6 +153,22 @@ def write_into(
         writer.add({name: tensor})
     writer.close()
     write_plan(directory, plan, tied, report)
+
+
+def rewrite_weights(
+    directory: Path, model: nn.Module, plan: Plan, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, dtype_of=None
+) -> None:
+    """Replace the weights and plan of the LoRD directory being written in ``directory`` with ``model``'s
+    (after a stage that changed the factors); ``dtype_of(name)`` gives each tensor's storage dtype."""
+    for f in list(directory.glob("*.safetensors")) + [directory / INDEX_FILE]:
+        f.unlink(missing_ok=True)
+    tensors, tied = unique_state_dict(model)
+    writer = ShardWriter(directory, max_shard_bytes)
+    for name, tensor in tensors.items():
+        dtype = dtype_of(name) if dtype_of is not None and tensor.is_floating_point() else None
+        writer.add({name: tensor.to(dtype) if dtype is not None else tensor})
+    writer.close()
+    write_plan(directory, plan, tied)
 
 
 def write_config_and_tokenizer(directory: Path, model: nn.Module, plan: Plan, source_dir: str | Path | None) -> None:

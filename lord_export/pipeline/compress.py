@@ -68,6 +68,11 @@ def compress(
     from ..device import model_device, resolve_device
 
     config = resolve_config(config, overrides)
+    if config.max_ppl_increase is not None:
+        raise UsageError(
+            "a quality target (max_ppl_increase) is searched on a model directory with held-out calibration blocks: "
+            "use compress_model_dir (lord-export compress)"
+        )
     device = resolve_device(device if device is not None else model_device(model))
     base = describe_model(model)
     params_before = count_parameters(model)
@@ -113,7 +118,14 @@ def _compress(model, data, config, device, stats_device, progress, surveyed, bas
     if budget is not None and config.calibration == "independent" and config.refine == "none":
         # the survey's statistics are the answer
         plan = make_plan(
-            model, budget.calibration, layers, config, cache=budget.cache, ranks=budget.ranks, base_model=base
+            model,
+            budget.calibration,
+            layers,
+            config,
+            cache=budget.cache,
+            ranks=budget.ranks,
+            base_model=base,
+            fisher=budget.fisher,
         )
         apply_plan(model, plan)
         plan.report = {"calibration": {"batches": budget.calibration.batches}}
@@ -122,8 +134,16 @@ def _compress(model, data, config, device, stats_device, progress, surveyed, bas
     else:
         batches = [b if isinstance(b, dict) else {"input_ids": b} for b in data]
         ranks = budget.ranks if budget is not None else None
+        fisher = budget.fisher if budget is not None else None
         engine = Engine(
-            model, config, device=device, stats_device=stats_device, bars=progress, ranks=ranks, store_dtype=store
+            model,
+            config,
+            device=device,
+            stats_device=stats_device,
+            bars=progress,
+            ranks=ranks,
+            store_dtype=store,
+            fisher=fisher,
         )
         result = engine.run(batches, blocks)
         plan = Plan(config=config, groups=result.groups, warnings=result.warnings, tensors=result.tensors)
@@ -179,6 +199,8 @@ def _compress_whole_model(
     model: nn.Module, data: CalibrationData, config: LordConfig, why: str, progress: bool, base: dict[str, Any]
 ):
     """Calibrate the whole model at once (statistics of every layer in memory together)."""
+    if config.refine != "none":
+        raise UsageError(f"block refinement needs a model processed block by block, but {why}")
     if config.calibration != "independent":
         raise UsageError(f"calibration {config.calibration!r} needs block-by-block processing, but {why}")
     log.warning("calibrating the whole model at once: %s", why)

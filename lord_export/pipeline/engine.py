@@ -87,6 +87,7 @@ class Engine:
         bars: bool = False,
         ranks: dict[str, int | None] | None = None,
         store_dtype: torch.dtype | None = None,
+        fisher: Any = None,
     ):
         self.model = model
         self.config = config
@@ -98,6 +99,8 @@ class Engine:
         self.bars = bars
         self.ranks = ranks
         self.store_dtype = store_dtype
+        #: the output weighting of the closed form (an OutputFisher keyed by full layer names), or None
+        self.fisher = fisher
         #: checkpoint tensor name → the dtype it is stored in (what the writer writes it back in)
         self.stored_dtypes: dict[str, torch.dtype] = {}
         self.groups: list[Group] = []
@@ -171,7 +174,7 @@ class Engine:
             else:
                 setup = Setup(Streams([], self.device, two=False), BlockCalls([[] for _ in range(len(blocks))]), None)
             start, block_seconds = self._resume(checkpoints, setup)
-            progress = Progress(self.say, "compress", len(blocks) - start, unit="block")
+            progress = Progress(self.say, "block", len(blocks) - start)
             for i in range(start, len(blocks)):
                 t_block = time.perf_counter()
                 groups = self._process_block(blocks, i, inside[i], setup, fit, spill)
@@ -207,6 +210,7 @@ class Engine:
             ranks=self.ranks,
             store=self._store,
             times=self.times,
+            fisher=self.fisher.renamed(blocks.name(i)) if self.fisher is not None else None,
         )
         if spill is not None:
             work.kept, work.kept_groups = take_kept(spill, i, self.device)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..calibration.data import CalibrationOptions, calibration_set, text_files
+from ..calibration.data import CalibrationOptions, calibration_set, calibration_size_warning, text_files
 from ..config import LordConfig
 from ..core.fingerprint import count_parameters, describe_model
 from ..core.plan import QUANT_METHOD, Plan
@@ -69,6 +69,9 @@ def compress_model_dir(
     max_shard_bytes: int | None = None,
     trust_remote_code: bool = False,
     resume: bool = False,
+    finetune_steps: int = 0,
+    measure: bool | None = None,
+    sanity_prompts: int = 3,
     progress: Callable[[str], None] | None = None,
     bars: bool = False,
 ) -> dict[str, Any]:
@@ -79,6 +82,12 @@ def compress_model_dir(
     :func:`lord_export.device.compute_dtype`). Block by block, the run checkpoints after every
     block in its partial output (:mod:`lord_export.pipeline.resume`); when it stops early, ``resume``
     continues it.
+
+    After the compression, on the whole compressed model (:mod:`lord_export.pipeline.recipe`):
+    ``finetune_steps`` > 0 runs the end-to-end stage (the factors distilled from the dense model);
+    ``measure`` (default: for models up to 3B parameters) reports the held-out perplexity after each
+    stage and ``sanity_prompts`` greedy continuations, dense vs compressed, on the calibration blocks
+    ``data.holdout`` holds out.
     """
     from ..device import compute_dtype as choose_dtype
     from ..device import resolve_device
@@ -105,17 +114,30 @@ def compress_model_dir(
         raise UsageError("the output directory must differ from the model directory")
     device = resolve_device(device)
     text_files(calib)  # fail on missing/empty/binary paths before loading anything heavy
-    spills = config.param_ratio is not None and config.calibration == "independent"
+    spills = config.max_ppl_increase is not None or (
+        config.param_ratio is not None and config.calibration == "independent"
+    )
     _check_disk_space(out, weights_bytes(model_dir) * (2 if spills else 1), spills)
     stored = checkpoint_dtypes(model_dir)
     choice = choose_dtype(device, dtype or main_dtype(stored), dtype or compute_dtype)
     say(f"computing in {choice.describe()['compute_dtype']} ({choice.reason})")
     tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
-    calib_set = calibration_set(
-        tokenizer, calib, _with_packing(data, model_dir, trust_remote_code), max_positions=max_positions(model_dir)
-    )
     model = build_skeleton(model_dir, trust_remote_code)
+    widest = _widest_input(model, config)
+    data_options = _sized(_with_packing(data, model_dir, trust_remote_code), widest, max_positions(model_dir))
+    calib_all = calibration_set(tokenizer, calib, data_options, max_positions=max_positions(model_dir))
+    calib_set, held = calib_all.split(data_options.holdout)
+    size_warning = calibration_size_warning(calib_set.tokens, widest)
+    if size_warning:
+        say(f"warning: {size_warning}")
     blocks, why = find_streamable_blocks(model)
+    if config.max_ppl_increase is not None and (blocks is None or _targets_outside(model, config, blocks)):
+        raise UsageError("a quality target needs a model compressed block by block, with targets inside the blocks")
+    if config.max_ppl_increase is not None and held is None:
+        raise UsageError(
+            "a quality target is measured on held-out calibration blocks: hold some out (holdout > 0, and at "
+            "least 2 calibration blocks)"
+        )
     if blocks is not None and config.param_ratio is not None and _targets_outside(model, config, blocks):
         # the streamed survey covers the blocks; targets outside them need the whole-model one
         say("the targets include layers outside the blocks: the budget is allocated over the whole model in memory")
@@ -124,30 +146,90 @@ def compress_model_dir(
     if on_cuda:
         torch.cuda.reset_peak_memory_stats(device)
     options = dict(device=device, stats_device=stats_device)
+    post = dict(
+        finetune_steps=finetune_steps, measure=measure, sanity_prompts=sanity_prompts, device=device, bars=bars,
+        max_shard_bytes=max_shard_bytes, trust_remote_code=trust_remote_code,
+    )  # fmt: skip
     if blocks is None:
         with atomic_output_dir(out, overwrite=overwrite) as tmp:
             model = load_dense(model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
             plan = compress(model, calib_set.batches(), config, compute_dtype=choice.compute, **options)
             write_into(tmp, model, plan, source_dir=model_dir, max_shard_bytes=max_shard_bytes)
-            report = _finish_report(plan.report, model_dir, device, choice, calib_set, on_cuda)
+            report = _finish_report(plan.report, model_dir, device, choice, calib_set, on_cuda, size_warning)
+            del model
+            report |= after_compression(tmp, model_dir, tokenizer, calib_set, held, choice, stored, post, say)
             write_json(tmp / REPORT_FILE, report)
         return report
     from .resume import Checkpoints, resumable_output_dir
 
     stores = {k: dtype for k in stored} if dtype is not None else stored
-    settings = run_settings(config, choice, dtype, device, max_shard_bytes, calib_set)
+    settings = run_settings(config, choice, dtype, device, max_shard_bytes, calib_set) | {
+        "holdout": data_options.holdout
+    }
     with resumable_output_dir(out, overwrite=overwrite, resume=resume) as tmp:
-        checkpoints = Checkpoints(tmp, _run_key(model_dir, settings, calib_set), resume=resume)
+        checkpoints = Checkpoints(tmp, _run_key(model_dir, settings, calib_all), resume=resume)
         if not checkpoints.resumed:
             checkpoints.clear()  # a fresh start: nothing an earlier run left counts
             if resume:
                 say("no checkpoint to resume from: starting from the beginning")
-        run = StreamedRun(model, model_dir, blocks, tmp, calib_set, config, choice, stores, max_shard_bytes)
+        run = StreamedRun(model, model_dir, blocks, tmp, calib_set, config, choice, stores, max_shard_bytes, held)
         report = run.compress(checkpoints, progress=say, bars=bars, **options)
-        report = _finish_report(report, model_dir, device, choice, calib_set, on_cuda)
+        report = _finish_report(report, model_dir, device, choice, calib_set, on_cuda, size_warning)
+        report |= after_compression(tmp, model_dir, tokenizer, calib_set, held, choice, stores, post, say)
         write_json(tmp / REPORT_FILE, report)
         checkpoints.finish()
     return report
+
+
+def after_compression(tmp, model_dir, tokenizer, calib_set, held, choice, stored, post, say) -> dict[str, Any]:
+    """The stages on the whole compressed model written in ``tmp`` (see :func:`compress_model_dir`):
+    the report's ``stages``, ``finetune`` and ``sanity`` entries; the fine-tuned weights rewritten in ``tmp``."""
+    from ..core.fingerprint import count_parameters as params_of
+    from ..persist.hf import load_dense, pad_token_id
+    from ..persist.io import load, read_plan, rewrite_weights
+    from . import recipe
+    from .heal import mark_healed
+
+    steps, measure = post["finetune_steps"], post["measure"]
+    if not steps and measure is False:
+        return {}
+    trust = post["trust_remote_code"]
+    lord = load(tmp, dtype=choice.compute, trust_remote_code=trust).to(post["device"])
+    if measure is None:
+        measure = params_of(lord) <= recipe.MEASURE_UP_TO
+    if not steps and not measure:
+        return {"stages": "not measured: the model is over 3B parameters (pass measure=True / --measure)"}
+    out: dict[str, Any] = {}
+    dense = load_dense(model_dir, dtype=choice.compute, trust_remote_code=trust).to(post["device"])
+    windows = recipe.holdout_windows(held) if held is not None else []
+    pad, batch = pad_token_id(tokenizer), calib_set.batch_size
+    rows = []
+    if measure and windows:
+        say(f"measuring the dense and the compressed model on {sum(map(len, windows)):,} held-out calibration tokens")
+        dense_ppl = recipe.held_out_perplexity(dense, windows, pad, batch)
+        rows.append(("compressed", recipe.held_out_perplexity(lord, windows, pad, batch), 0.0))
+    if steps:
+        say(f"fine-tuning the factors for {steps} step(s), the dense model as the teacher")
+        lord, dense = lord.float(), dense.float()
+        out["finetune"] = recipe.finetune(lord, dense, calib_set.batches(), steps, post["device"], post["bars"])
+        if measure and windows:
+            rows.append(
+                ("fine-tuned", recipe.held_out_perplexity(lord, windows, pad, batch), out["finetune"]["seconds"])
+            )
+        plan = read_plan(tmp, with_tensors=False)
+        mark_healed(plan, f"fine-tuned end to end after factorization ({steps} steps, distilled from the dense model)")
+        rewrite_weights(tmp, lord.cpu(), plan, max_shard_bytes=post["max_shard_bytes"],
+                        dtype_of=lambda name: stored.get(name, choice.store))  # fmt: skip
+    if rows:
+        out["stages"] = recipe.stage_report(dense_ppl, rows)
+        for r in out["stages"][1:]:
+            say(f"held-out perplexity {r['stage']}: {r['perplexity']:.4f} ({100 * r['increase']:+.1f}% over dense)")
+    if measure and held is not None and post["sanity_prompts"]:
+        prompts = recipe.prompts_from(held, post["sanity_prompts"])
+        out["sanity"] = recipe.continuations(dense, lord, tokenizer, prompts)
+        if out["sanity"]["degenerate"]:
+            say("warning: the compressed model's greedy continuations look degenerate (see report.json, sanity)")
+    return out
 
 
 def run_settings(config: LordConfig, choice: Any, dtype: Any, device: Any, max_shard_bytes: int, calib_set) -> dict:
@@ -168,7 +250,30 @@ def _run_key(model_dir: Path, settings: dict, calib_set: Any) -> dict:
     return run_key(model_dir, settings, tensors_fingerprint(calib_set.input_ids, calib_set.attention_mask))
 
 
-def _finish_report(report: dict, model_dir: Path, device: Any, choice: Any, calib_set: Any, on_cuda: bool) -> dict:
+def _widest_input(model: nn.Module, config: LordConfig) -> int:
+    """The most input features of a targeted linear layer."""
+    from ..core.targets import find_linears
+
+    linears = find_linears(model)
+    return max((linears[n].d_in for n in select_targets(model, config.targets, config.exclude)), default=1)
+
+
+def _sized(options: CalibrationOptions, widest: int, positions: int | None) -> CalibrationOptions:
+    """``options`` with the number of samples sized to the model when it was left open (None)."""
+    import dataclasses
+
+    from ..calibration.data import resolve_seqlen, samples_for
+
+    if options.samples is not None:
+        return options
+    return dataclasses.replace(options, samples=samples_for(widest, resolve_seqlen(options.seqlen, positions)))
+
+
+def _finish_report(
+    report: dict, model_dir: Path, device: Any, choice: Any, calib_set: Any, on_cuda: bool, size_warning: Any = None
+) -> dict:
+    if size_warning and size_warning not in report["warnings"]:
+        report["warnings"].append(size_warning)
     report["source_model"] = str(model_dir)
     report["device"] = str(device)
     report["dtype"] = choice.describe()
@@ -181,10 +286,47 @@ def _finish_report(report: dict, model_dir: Path, device: Any, choice: Any, cali
 class StreamedRun:
     """The block-by-block path of :func:`compress_model_dir`: weights read and written a block at a time."""
 
-    def __init__(self, model, model_dir, blocks, tmp, calib_set, config, choice, stored, max_shard_bytes):
+    def __init__(self, model, model_dir, blocks, tmp, calib_set, config, choice, stored, max_shard_bytes, held=None):
         self.model, self.model_dir, self.blocks, self.tmp = model, model_dir, blocks, tmp
         self.calib_set, self.config, self.choice, self.stored = calib_set, config, choice, stored
-        self.max_shard_bytes = max_shard_bytes
+        self.max_shard_bytes, self.held = max_shard_bytes, held
+
+    def search(self, surveyed: Any, spill: Any, checkpoints: Any, device: Any, say: Callable) -> Any:
+        """The quality target's bisection (:mod:`lord_export.pipeline.target`) on the dense model in memory,
+        candidates made by truncating the survey's kept factors; measured on the held-out calibration blocks."""
+        from ..persist.hf import load_dense, pad_token_id
+        from . import recipe, target
+        from .engine import take_kept
+
+        saved = checkpoints.state.get("quality_target")
+        if saved:
+            say(
+                f"quality target: resuming with the ratio chosen before the interruption "
+                f"({saved['chosen_param_ratio']})"
+            )
+            return target.TargetSearch(saved["max_ppl_increase"], saved["dense_perplexity"], saved["curve"],
+                                       saved["chosen_param_ratio"])  # fmt: skip
+        if self.held is None:
+            raise UsageError("a quality target is measured on held-out calibration blocks: hold some out (holdout > 0)")
+        from ..persist.hf import load_tokenizer
+
+        windows = recipe.holdout_windows(self.held)
+        pad = pad_token_id(load_tokenizer(self.model_dir))
+        ppl = target.held_out_evaluation(windows, pad, self.calib_set.batch_size)
+        dense = load_dense(self.model_dir, dtype=self.choice.compute).to(device)
+        kept = {i: take_kept(spill, i, device) for i in range(len(self.blocks))}
+        evaluate = target.truncation_evaluator(dense, self.blocks.path, kept, self.config, ppl)
+        config = self.config
+        say(f"quality target: the smallest parameter ratio within +{100 * config.max_ppl_increase:g}% held-out "
+            f"perplexity, on {sum(map(len, windows)):,} held-out calibration tokens")  # fmt: skip
+        result = target.search_ratio(
+            config.max_ppl_increase, surveyed, evaluate, ppl(dense),
+            method=config.allocation, multiple=config.rank_multiple, say=say,
+        )  # fmt: skip
+        del dense, kept
+        checkpoints.save(quality_target=result.to_dict())
+        say(f"quality target: parameter ratio {result.chosen:.4f} chosen")
+        return result
 
     def compress(self, checkpoints: Any, **engine_options: Any) -> dict:
         """Survey (for a parameter budget), then the block loop; checkpointed after every block."""
@@ -214,20 +356,27 @@ class StreamedRun:
         store = self.choice.store if self.choice.store != self.choice.compute else None
         engine = Engine(model, config, source=source, writer=writer, store_dtype=store, **engine_options)
         engine.stored_dtypes = self.stored
-        spill = None
+        spill = search = None
         try:
             budget = None
-            if config.param_ratio is not None:
-                if config.calibration == "independent":  # the survey's factors are the answer, once truncated
+            if config.param_ratio is not None or config.max_ppl_increase is not None:
+                # the survey keeps its factors when they are the answer once truncated (independent calibration)
+                # or when candidate ratios are measured by truncating them (a quality target)
+                if config.calibration == "independent" or config.max_ppl_increase is not None:
                     spill = FactorSpill(self.tmp / SPILL_DIR, resume=checkpoints.resumed)
                     say(f"surveying {len(blocks)} blocks for the parameter budget (spectra and factors)")
                 else:
                     say(f"surveying {len(blocks)} blocks for the parameter budget (spectra)")
                 batches = list(self.calib_set.batches())
                 surveyed = streamed_survey(engine, batches, blocks, spill=spill, checkpoints=checkpoints)
+                if config.max_ppl_increase is not None:
+                    search = self.search(surveyed, spill, checkpoints, engine_options["device"], say)
+                    config = config.replace(max_ppl_increase=None, param_ratio=search.chosen)
+                    engine.config = config
                 budget = plan_budget(model, batches, config, [], surveyed=surveyed)
-                engine.ranks = budget.ranks
-            result = engine.run(self.calib_set.batches(), blocks, spill=spill, checkpoints=checkpoints)
+                engine.ranks, engine.fisher = budget.ranks, budget.fisher
+            kept_spill = spill if config.calibration == "independent" else None
+            result = engine.run(self.calib_set.batches(), blocks, spill=kept_spill, checkpoints=checkpoints)
             if spill is not None:
                 budget.report["spilled_bytes"] = spill.bytes_written
             tied = engine.write_rest(blocks)
@@ -253,6 +402,7 @@ class StreamedRun:
                 streamed=True,
             )
             | ({"budget": budget.report} if budget is not None else {})
+            | ({"quality_target": search.to_dict()} if search is not None else {})
             | {"resumed": checkpoints.resumed}
         )
 

@@ -65,6 +65,7 @@ class BlockWork:
     ranks: Mapping[str, int | None] | None = None
     kept: dict[str, KeptFactors] | None = None  # ``kept`` mode: relative group name → factors
     kept_groups: list[tuple[list[str], int]] | None = None  # ``kept`` mode: (layer names, tokens)
+    fisher: Any = None  # the output weighting (an OutputFisher keyed by names relative to the block)
     store: Callable[[FactorSource], FactorSource] = lambda source: source  # rounds factors as stored
     warnings: list[str] = field(default_factory=list)
     times: StageTimes = field(default_factory=StageTimes)
@@ -99,7 +100,7 @@ def independent(work: BlockWork) -> tuple[list[Group], dict[str, torch.Tensor]]:
             work.block,
             build_groups(work.local, calibration.input_of, work.config.grouping),
             work.config,
-            work.store(closed_form(calibration, work.config.method)),
+            work.store(closed_form(calibration, work.config.method, fisher=work.fisher)),
             tokens=lambda names: calibration.of(names[0]).tokens,
             ranks=work.ranks,
             prefix=work.prefix,
@@ -182,7 +183,9 @@ def _on_compressed(work: BlockWork, dense_block: nn.Module, key: str) -> FactorS
             tokens += x.shape[0]
         group.calibration_tokens = tokens
         compensate = work.config.calibration == "compensating"
-        return factorize_group_on_compressed(modules, group, G, Cxx, H, work.config.method, compensate=compensate)
+        return factorize_group_on_compressed(
+            modules, group, G, Cxx, H, work.config.method, compensate=compensate, fisher=work.fisher
+        )
 
     return source
 

@@ -192,43 +192,81 @@ def compress_groups(
 
 
 # --------------------------------------------------------------------------------- factor sources
-def closed_form(calibration: Calibration, method: str, cache: dict | None = None) -> FactorSource:
+def closed_form(calibration: Calibration, method: str, cache: dict | None = None, fisher: Any = None) -> FactorSource:
     """Factors of the configured method from each group's input statistics in ``calibration``.
 
     ``cache`` (any dict, shared across calls on the same calibration) keeps each group's
     rank-independent decomposition by group name, so factorizing at several ranks decomposes once.
+    ``fisher`` (an :class:`~lord_export.pipeline.sensitivity.OutputFisher` keyed like the layers)
+    weights each group's outputs (:func:`output_weights`).
     """
 
     def source(modules: Mapping[str, nn.Module], group: Group) -> dict[str, torch.Tensor]:
-        return factorize_group(modules, group, calibration.of(group.members[0].name), method, cache)
+        return factorize_group(modules, group, calibration.of(group.members[0].name), method, cache, fisher)
 
     return source
 
 
+def output_weights(group: Group, fisher: Any) -> torch.Tensor | None:
+    """The per-output-row weights w of ``group`` (None: unweighted). The closed form then fits
+    diag(w) W - minimizing ‖diag(w)(W X − A B X)‖, where w² is the LM loss's per-feature Fisher
+    (:class:`~lord_export.pipeline.sensitivity.OutputFisher`) - and stores A = diag(w)⁻¹ Ã: errors and
+    spectra are in that weighted norm."""
+    if fisher is None:
+        return None
+    return fisher.weights([m.name for m in group.members])
+
+
+def weighted_weight(modules: Mapping[str, nn.Module], group: Group, fisher: Any) -> tuple[torch.Tensor, Any]:
+    """(diag(w) W, w) of ``group`` (:func:`output_weights`; W itself and None when unweighted)."""
+    W = stacked_weight(modules, group)
+    w = output_weights(group, fisher)
+    if w is not None:
+        w = w.to(W.device, W.dtype)
+        W = W * w[:, None]
+    return W, w
+
+
 def factorize_group(
-    modules: Mapping[str, nn.Module], group: Group, stats: InputStats, method: str, cache: dict | None = None
+    modules: Mapping[str, nn.Module],
+    group: Group,
+    stats: InputStats,
+    method: str,
+    cache: dict | None = None,
+    fisher: Any = None,
 ) -> dict[str, torch.Tensor]:
     """Factor tensors of ``group`` at its rank (state-dict names → tensors in the layers' dtype); fills
     its errors (measured, and the closed-form bound)."""
-    W, C, f = _factors(modules, group, stats, method, group.rank, cache)
-    tensors = group_tensors(modules, group, f.A, f.B)
-    A, B = _stored(tensors, group)
+    W, C, f, w = _factors(modules, group, stats, method, group.rank, cache, fisher)
+    tensors = group_tensors(modules, group, f.A if w is None else f.A / w[:, None], f.B)
+    A, B = _stored(tensors, group, w)
     group.relative_error = fz.relative_error(W, A, B, C, total=float(f.spectrum.sum()))
     group.optimal_relative_error = fz.optimal_relative_error(f.spectrum, group.rank)
     return tensors
 
 
-def _stored(tensors: Mapping[str, torch.Tensor], group: Group) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) as stored (the layers' dtype): the factors whose error the report gives."""
+def _stored(
+    tensors: Mapping[str, torch.Tensor], group: Group, w: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) as stored (the layers' dtype), A weighted like the W it approximates: the factors whose
+    error the report gives."""
     A = torch.cat([tensors[f"{m.name}.weight"] for m in group.members], dim=0)
+    if w is not None:
+        A = A.to(w.dtype) * w[:, None]
     return A, tensors[f"{group.bottleneck_name}.weight"]
 
 
 def _factors(
-    modules: Mapping[str, nn.Module], group: Group, stats: InputStats, method: str, rank: int, cache: dict | None = None
-) -> tuple[torch.Tensor, torch.Tensor, fz.Factors]:
-    """(W, C, float64 factors) of ``group`` at ``rank`` with ``method``."""
-    W = stacked_weight(modules, group)
+    modules: Mapping[str, nn.Module],
+    group: Group,
+    stats: InputStats,
+    method: str,
+    rank: int,
+    cache: dict | None = None,
+    fisher: Any = None,
+) -> tuple[torch.Tensor, torch.Tensor, fz.Factors, torch.Tensor | None]:
+    """(weighted W, C, float64 factors of it, the row weights or None) of ``group`` at ``rank``."""
+    W, w = weighted_weight(modules, group, fisher)
     C = stats.C.to(W.device)
     decomposition = None
     if cache is not None:
@@ -236,7 +274,7 @@ def _factors(
             cache[group.name] = fz.output_spectrum(W, C)
         decomposition = cache[group.name]
     f = fz.METHODS[method](W, C, stats.mean_abs.to(W.device), rank, decomposition=decomposition)
-    return W, C, f
+    return W, C, f, w
 
 
 @dataclass
@@ -263,13 +301,14 @@ class KeptFactors:
 
 
 def keep_factors(
-    modules: Mapping[str, nn.Module], group: Group, stats: InputStats, method: str, rank: int
+    modules: Mapping[str, nn.Module], group: Group, stats: InputStats, method: str, rank: int, fisher: Any = None
 ) -> KeptFactors:
     """``group``'s factors at ``rank`` with the error of every truncation (:class:`KeptFactors`)."""
-    W, C, f = _factors(modules, group, stats, method, rank)
+    W, C, f, w = _factors(modules, group, stats, method, rank, fisher=fisher)
     dtype = modules[group.members[0].name].weight.dtype
-    A, B = f.A.to(dtype), f.B.to(dtype)
-    errors = fz.relative_errors_by_rank(W, A, B, C, total=float(f.spectrum.sum()))
+    A, B = (f.A if w is None else f.A / w[:, None]).to(dtype), f.B.to(dtype)
+    A_w = A if w is None else A.to(w.dtype) * w[:, None]
+    errors = fz.relative_errors_by_rank(W, A_w, B, C, total=float(f.spectrum.sum()))
     return KeptFactors(A, B, errors, f.spectrum)
 
 
@@ -307,6 +346,7 @@ def factorize_group_on_compressed(
     method: str,
     *,
     compensate: bool,
+    fisher: Any = None,
 ) -> dict[str, torch.Tensor]:
     """Factors of ``group`` when its input on the compressed path (X̂) differs from the dense path's (X).
 
@@ -317,13 +357,13 @@ def factorize_group_on_compressed(
     ``dense_output_error``/``dense_output_bound`` (‖W X − A B X̂‖ / ‖W X‖, and its minimum over
     rank-r factors, exact: :func:`lord_export.core.factorize.best_output_error`).
     """
-    W = stacked_weight(modules, group)
+    W, w = weighted_weight(modules, group, fisher)
     device = W.device
     Gm, Cm, Hm = G.C.to(device), Cxx.C.to(device), H.to(device)
     target = fz.compensated_weight(W, Gm, Hm) if compensate else W
     f = fz.METHODS[method](target, Gm, G.mean_abs.to(device), group.rank)
-    tensors = group_tensors(modules, group, f.A, f.B)
-    A, B = _stored(tensors, group)
+    tensors = group_tensors(modules, group, f.A if w is None else f.A / w[:, None], f.B)
+    A, B = _stored(tensors, group, w)
     err, total = fz.output_error(W, A, B, Cm, Hm, Gm)
     best = fz.best_output_error(W, Gm, Hm, total, group.rank)
     group.dense_output_error = math.sqrt(err / total) if total > 0 else 0.0
@@ -358,6 +398,7 @@ def survey_groups(
     prefix: str = "",
     keep: bool = False,
     decompose: bool = False,
+    fisher: Any = None,
 ) -> SurveyedGroups:
     """The allocation's view of each group: its error curve (the output spectrum), or its fixed rank
     when an override names it.
@@ -365,7 +406,8 @@ def survey_groups(
     With ``keep`` each group is also factorized at the largest rank any allocation can give it (its
     override's rank for a fixed group), so that a later pass only truncates (:func:`truncated`); with
     ``decompose`` the full eigendecomposition is kept for a later :func:`closed_form` (in memory).
-    Otherwise only eigenvalues are computed.
+    Otherwise only eigenvalues are computed. ``fisher``: the output weighting (:func:`output_weights`),
+    applied to the spectra and the kept factors alike.
     """
     out = SurveyedGroups()
     for names in groups:
@@ -386,13 +428,13 @@ def survey_groups(
             out.members[full.name] = names
         factors = None
         if keep and keep_rank is not None:
-            factors = out.kept[group.name] = keep_factors(modules, group, stats, config.method, keep_rank)
+            factors = out.kept[group.name] = keep_factors(modules, group, stats, config.method, keep_rank, fisher)
         if curve is None:
             continue
         if factors is not None:
             curve.spectrum = factors.spectrum.cpu()
         else:
-            W = stacked_weight(modules, group).to(stats.C.device)
+            W = weighted_weight(modules, group, fisher)[0].to(stats.C.device)
             if decompose:
                 out.decompositions[full.name] = fz.output_spectrum(W, stats.C)
                 curve.spectrum = out.decompositions[full.name][0].cpu()
@@ -412,6 +454,7 @@ def make_plan(
     cache: dict | None = None,
     ranks: Mapping[str, int | None] | None = None,
     base_model: dict[str, Any] | None = None,
+    fisher: Any = None,
 ) -> Plan:
     """Factorize every group of ``layers`` with ``config.method`` and return the plan with factors
     (the model is not changed; :func:`lord_export.apply_plan` swaps the modules).
@@ -432,7 +475,7 @@ def make_plan(
         model,
         groups,
         config,
-        closed_form(calibration, config.method, cache),
+        closed_form(calibration, config.method, cache, fisher),
         tokens=lambda names: calibration.of(names[0]).tokens,
         ranks=ranks,
         swap=False,

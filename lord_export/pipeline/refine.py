@@ -99,7 +99,15 @@ def refine_block(
     t0 = time.perf_counter()
     train, held = split_batches(len(calls), config.holdout)
     calls = [cast_call(c, torch.float32) for c in calls]
-    with in_float32(block, params):
+    compute = params[0].dtype  # the run's compute dtype: products in it, parameters in float32
+    device = params[0].device
+    # no cast cache: it would keep the first low-precision copy of each weight for every later step
+    mixed = (
+        torch.autocast(device.type, dtype=compute, cache_enabled=False)
+        if compute in (torch.bfloat16, torch.float16)
+        else None
+    )
+    with in_float32(block, params), mixed or contextlib.nullcontext():
         start = [p.detach().clone() for p in params]
         first = best = _held_out_error(block, calls, inputs, targets, held, load)
         best_state = None

@@ -10,13 +10,13 @@ block at a time: each block loaded again, recomputed from its stored input, back
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..calibration.blocks import BlockCalls, Blocks, accepts_argument, run_block
+from ..calibration.blocks import Blocks, accepts_argument, run_block
 from ..calibration.statistics import exact_matmuls
 from ..device import model_device
 from ..errors import UsageError
@@ -67,6 +67,56 @@ def no_cache(model: nn.Module) -> dict:
     return {"use_cache": False} if accepts_argument(model.forward, "use_cache") else {}
 
 
+#: Added to the mean-normalized per-feature Fisher before it weights a group's outputs: a feature the
+#: sample never moved still counts a little (measured on SmolLM2: 1e-3 to 1e-1 within 1.5 points).
+WEIGHT_FLOOR = 1e-3
+
+
+class OutputFisher:
+    """The empirical Fisher of the LM loss at each targeted layer's output, per output feature:
+    F_l[j] = Σ_t (∂L/∂y_tj)² over ``tokens`` tokens (float64 vectors, by layer name).
+
+    It gives the allocation its sensitivities, s_g = Σ_j F[j] / (N · d_out) for a group, and the closed
+    form its output weighting (:meth:`weights`): minimizing ‖diag(F)^{1/2} (W X − A B X)‖ instead of
+    ‖W X − A B X‖ keeps the directions the loss reacts to, the second-order change of the loss
+    ½ δyᵀ F δy with the Fisher taken diagonal.
+    """
+
+    def __init__(self, vectors: dict[str, torch.Tensor] | None = None, tokens: int = 0) -> None:
+        self.vectors = vectors or {}
+        self.tokens = tokens
+
+    def add(self, name: str, g: torch.Tensor) -> None:
+        flat = g.detach().reshape(-1, g.shape[-1]).float()
+        v = flat.square().sum(0).double().cpu()
+        self.vectors[name] = self.vectors[name] + v if name in self.vectors else v
+
+    def sensitivity(self, members: Sequence[str]) -> float:
+        """s_g of the group made of ``members`` (layer names)."""
+        total = sum(float(self.vectors[m].sum()) for m in members if m in self.vectors)
+        width = sum(self.vectors[m].numel() for m in members if m in self.vectors)
+        return total / (max(self.tokens, 1) * max(width, 1))
+
+    def weights(self, members: Sequence[str]) -> torch.Tensor | None:
+        """The row weights sqrt(F / mean(F) + floor) of the group's stacked output (None when a member
+        was not measured)."""
+        if not members or any(m not in self.vectors for m in members):
+            return None
+        f = torch.cat([self.vectors[m] for m in members])
+        mean = float(f.mean())
+        if not mean > 0:
+            return None
+        return (f / mean + WEIGHT_FLOOR).sqrt()
+
+    def renamed(self, prefix: str) -> OutputFisher:
+        """The vectors of the layers under ``prefix`` (a block's name), keyed relative to it."""
+        cut = len(prefix) + 1
+        return OutputFisher({k[cut:]: v for k, v in self.vectors.items() if k.startswith(prefix + ".")}, self.tokens)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return dict(self.vectors)
+
+
 class SensitivityProbe:
     """Sums ‖∂L/∂y_t‖² over the output rows of every watched layer, one forward + backward per batch.
 
@@ -84,8 +134,7 @@ class SensitivityProbe:
         self.width = {
             n: m.weight.shape[0] if isinstance(m, nn.Linear) else m.weight.shape[1] for n, m in self.modules.items()
         }
-        self.sums = dict.fromkeys(self.modules, 0.0)
-        self.tokens = 0
+        self.fisher = OutputFisher()
 
     def run(self, batch: dict[str, torch.Tensor]) -> None:
         """One forward + backward of ``batch`` (moved to the model's device), gradients summed."""
@@ -106,7 +155,7 @@ class SensitivityProbe:
                 h.remove()
             for n, p in model.named_parameters():
                 p.requires_grad_(requires[n])
-        self.tokens += int(batch.get("attention_mask", torch.ones_like(batch["input_ids"])).sum())
+        self.fisher.tokens += int(batch.get("attention_mask", torch.ones_like(batch["input_ids"])).sum())
 
     def _watch(self, name: str):
         def hook(mod: nn.Module, inp: Any, out: torch.Tensor) -> None:
@@ -116,16 +165,11 @@ class SensitivityProbe:
         return hook
 
     def _add(self, name: str, g: torch.Tensor) -> None:
-        flat = g.detach().reshape(-1).float()
-        self.sums[name] += float(torch.dot(flat, flat))  # float32 BLAS dot: no float64 copy
+        self.fisher.add(name, g)
 
     def sensitivities(self, groups: dict[str, list[str]]) -> dict[str, float]:
         """s_g = Σ_t ‖∂L/∂y_t‖² / (N · d_out) per group (``groups``: name → member layers)."""
-        out = {}
-        for g, members in groups.items():
-            width = sum(self.width[m] for m in members)
-            out[g] = sum(self.sums[m] for m in members) / (max(self.tokens, 1) * max(width, 1))
-        return out
+        return {g: self.fisher.sensitivity(members) for g, members in groups.items()}
 
 
 def fisher_sensitivities(
@@ -144,41 +188,90 @@ def fisher_sensitivities(
     return probe.sensitivities(groups)
 
 
-def streamed_sensitivities(
-    model: nn.Module,
+def streamed_fisher(
+    engine: Any,
     blocks: Blocks,
-    source: WeightSource,
-    device: torch.device,
-    streams: Streams,
-    inputs_of: Callable[[int], list[torch.Tensor]],
+    setup: Any,
     n: int,
-    calls: BlockCalls,
     batches: Sequence[dict[str, torch.Tensor]],
-    template: int | None,
-    members: list[dict[str, list[str]]],
+    layers: dict[int, list[str]],
     *,
     checkpoints: Any = None,
-    say: Callable[[str], None] | None = None,
-) -> dict[str, float]:
-    """Σ_t ‖∂L/∂y_t‖² per group (block i's groups: ``members[i]``, full group name → layers relative to
-    the block), from the first ``n`` batches: ``streams.dense`` holds their final hidden states and
-    ``inputs_of(i)`` block i's inputs. Divide by tokens × d_out for s_g. With ``checkpoints`` the
-    gradients are saved after every block, and a resumed run continues with the next block down."""
-    state = checkpoints.state.get("sensitivity") if checkpoints is not None else None
-    if state:
+) -> OutputFisher:
+    """The :class:`OutputFisher` of every targeted layer (block i's: ``layers[i]``, relative names) from the
+    first ``n`` calibration batches, one block in memory: their hidden states are run forward through the
+    blocks (each block's inputs kept), the LM loss is taken on the final hidden states (the model's own
+    head, its blocks replaced by a replay) and its gradient is carried back block by block - each block
+    loaded again, recomputed from its kept input, backpropagated. With ``checkpoints`` each block's
+    step is saved, and a resumed run continues after the last one."""
+    state = (checkpoints.state.get("fisher") if checkpoints is not None else None) or {}
+    s = setup.streams
+    if state.get("done"):
+        return OutputFisher(checkpoints.load_tensors("ckpt-fisher"), state["tokens"])
+    tokens = sum(int(c.mask.sum()) if c.mask is not None else s.dense[b].shape[:2].numel()
+                 for b, c in enumerate(setup.calls[0][:n]))  # fmt: skip
+    inputs = _FisherInputs(checkpoints)
+    hidden = list(s.dense[:n])
+    start = state.get("forward_done", 0)
+    if start:
+        saved = checkpoints.load_tensors("ckpt-fisher-hidden")
+        hidden = [s.park(saved[str(b)]) for b in range(n)]
+    progress = Progress(engine.say, "sensitivities (forward)", len(blocks) - start, unit="block")
+    with torch.no_grad():
+        for i in range(start, len(blocks)):
+            inputs.keep(i, hidden)
+            block = engine.materialize(blocks, i)
+            hidden = [s.park(run_block(block, s.load(h), setup.calls[i][b])) for b, h in enumerate(hidden)]
+            engine.source.release(block)
+            if checkpoints is not None:
+                ckpt = {"ckpt-fisher-hidden": {str(b): h for b, h in enumerate(hidden)}}
+                checkpoints.save(ckpt, fisher={"forward_done": i + 1})
+            progress.step(blocks.name(i))
+    if "backward_next" in state:
+        fisher = OutputFisher(checkpoints.load_tensors("ckpt-fisher"), tokens)
         saved = checkpoints.load_tensors("ckpt-grads")
-        grads = [streams.park(saved[str(b)]) for b in range(n)]
-        sums, top = dict(state["sums"]), state["next"]
+        grads, top = [s.park(saved[str(b)]) for b in range(n)], state["backward_next"]
     else:
-        grads, sums, top = head_gradients(model, blocks, streams, n, batches, template), {}, len(blocks) - 1
-    progress = Progress(say, "sensitivities", top + 1, unit="block")
+        fisher, top = OutputFisher(tokens=tokens), len(blocks) - 1
+        grads = head_gradients(engine.model, blocks, _Hidden(s, hidden), n, batches, setup.template)
+    progress = Progress(engine.say, "sensitivities (backward)", top + 1, unit="block")
     for i in reversed(range(top + 1)):
-        grads = block_gradients(blocks, i, source, device, streams, inputs_of(i), grads, calls[i], members[i], sums)
+        grads = block_gradients(
+            blocks, i, engine.source, engine.device, s, inputs.get(i), grads, setup.calls[i], layers[i], fisher
+        )
         if checkpoints is not None:
-            tensors = {"ckpt-grads": {str(b): g for b, g in enumerate(grads)}}
-            checkpoints.save(tensors, sensitivity={"next": i - 1, "sums": sums})
+            ckpt = {"ckpt-grads": {str(b): g for b, g in enumerate(grads)}, "ckpt-fisher": fisher.tensors()}
+            checkpoints.save(ckpt, fisher={"forward_done": len(blocks), "backward_next": i - 1, "tokens": tokens})
         progress.step(blocks.name(i))
-    return sums
+    if checkpoints is not None:
+        checkpoints.save({"ckpt-fisher": fisher.tensors()}, fisher={"done": True, "tokens": tokens})
+    return fisher
+
+
+class _FisherInputs:
+    """Each block's inputs for the backward pass: on disk in a resumable run, else in memory."""
+
+    def __init__(self, checkpoints: Any) -> None:
+        self.checkpoints, self.kept = checkpoints, {}
+
+    def keep(self, i: int, hiddens: list[torch.Tensor]) -> None:
+        if self.checkpoints is not None:
+            self.checkpoints.save_tensors(f"ckpt-inputs-{i}", {str(b): h for b, h in enumerate(hiddens)})
+        else:
+            self.kept[i] = list(hiddens)
+
+    def get(self, i: int) -> list[torch.Tensor]:
+        if i in self.kept:
+            return self.kept[i]
+        saved = self.checkpoints.load_tensors(f"ckpt-inputs-{i}")
+        return [saved[str(b)] for b in range(len(saved))]
+
+
+class _Hidden:
+    """The final hidden states of the Fisher batches, in the shape :func:`head_gradients` reads."""
+
+    def __init__(self, streams: Streams, hidden: list[torch.Tensor]) -> None:
+        self.dense, self.load, self.park = hidden, streams.load, streams.park
 
 
 def head_gradients(
@@ -213,28 +306,26 @@ def block_gradients(
     inputs: list[torch.Tensor],
     grads: list[torch.Tensor],
     calls: list,
-    members: dict[str, list[str]],
-    sums: dict[str, float],
+    layers: list[str],
+    fisher: OutputFisher,
 ) -> list[torch.Tensor]:
-    """Backpropagate ``grads`` (∂L/∂ block i's output) through block i; add Σ‖∂L/∂y‖² per group."""
+    """Backpropagate ``grads`` (∂L/∂ block i's output) through block i; add each of ``layers``' (relative
+    names) per-feature Σ (∂L/∂y)² to ``fisher`` under its full name."""
     block, prefix = blocks.modules[i], blocks.name(i)
     source.materialize(block, prefix, device)
     block.requires_grad_(False)
     modules = dict(block.named_modules())
     handles = []
 
-    def add(group: str, g: torch.Tensor) -> None:
-        sums[group] = sums.get(group, 0.0) + float(g.double().square().sum())
-
-    def watch(group: str):
+    def watch(name: str):
         def hook(module: nn.Module, args: Any, out: torch.Tensor) -> None:
             if out.requires_grad:
-                out.register_hook(lambda g: add(group, g))
+                out.register_hook(lambda g: fisher.add(name, g))
 
         return hook
 
-    for group, names in members.items():
-        handles.extend(modules[n].register_forward_hook(watch(group)) for n in names)
+    for name in layers:
+        handles.append(modules[name].register_forward_hook(watch(f"{prefix}.{name}")))
     out_grads = []
     try:
         with torch.enable_grad(), exact_matmuls():

@@ -42,7 +42,7 @@ from .sensitivity import (
     fisher_sensitivities,  # noqa: F401 (part of this module's API since 0.1)
     lm_loss_sum,  # noqa: F401
     sensitivity_batch_count,
-    streamed_sensitivities,
+    streamed_fisher,
 )
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,7 @@ class Budget:
     calibration: Calibration
     cache: dict
     report: dict[str, Any] = field(default_factory=dict)
+    fisher: Any = None  # the OutputFisher that weights the closed form (None: unweighted)
 
 
 @dataclass
@@ -69,6 +70,7 @@ class Survey:
     calibration: Calibration | None  # None after a streamed survey (nothing kept)
     cache: dict
     timings: dict[str, float]
+    fisher: Any = None  # the OutputFisher weighting the spectra (None: unweighted)
 
 
 def survey(
@@ -98,7 +100,8 @@ def survey(
     calibration = cal.result()
     warn_few_tokens(calibration)
     groups = build_groups(layers, calibration.input_of, config.grouping)
-    surveyed = survey_groups(dict(model.named_modules()), groups, calibration, config, decompose=True)
+    fisher = probe.fisher if probe is not None and config.output_weighting == "fisher" else None
+    surveyed = survey_groups(dict(model.named_modules()), groups, calibration, config, decompose=True, fisher=fisher)
     if probe is not None and surveyed.curves:
         for c, s in zip(surveyed.curves, probe.sensitivities(surveyed.members).values(), strict=True):
             c.sensitivity = s
@@ -112,6 +115,7 @@ def survey(
         calibration,
         surveyed.decompositions,
         timings,
+        fisher,
     )
 
 
@@ -125,14 +129,15 @@ def streamed_survey(
 ) -> Survey:
     """The survey of a model whose blocks are read one at a time (:class:`lord_export.pipeline.engine.Engine`).
 
-    Same curves, sensitivities and fixed groups as :func:`survey`. Forward over the blocks: calibrate
-    each block on the dense stream and keep its groups' output spectra (statistics and decompositions
-    are freed with the block). With ``spill`` (a :class:`~lord_export.persist.checkpoint.FactorSpill`;
-    independent calibration) every group is also factorized at the largest rank any allocation can
-    give it and the factors are parked there, for :meth:`~lord_export.pipeline.engine.Engine.run`
-    to truncate. With ``fisher``, the inputs of every block for the first batches are kept too and the
-    sensitivities are measured block by block (:func:`lord_export.pipeline.sensitivity.streamed_sensitivities`).
-    With ``checkpoints`` every block's survey is saved, and a resumed run continues after the last one.
+    Same curves, sensitivities and fixed groups as :func:`survey`. With the ``fisher`` allocation the
+    loss's per-feature Fisher at every targeted layer is measured first, block by block
+    (:func:`lord_export.pipeline.sensitivity.streamed_fisher`): it gives the sensitivities and weights
+    the closed form. Then forward over the blocks: calibrate each block on the dense stream and keep its
+    groups' output spectra (statistics and decompositions are freed with the block). With ``spill`` (a
+    :class:`~lord_export.persist.checkpoint.FactorSpill`; independent calibration) every group is also
+    factorized at the largest rank any allocation can give it and the factors are parked there, for
+    :meth:`~lord_export.pipeline.engine.Engine.run` to truncate. With ``checkpoints`` every block's step
+    is saved, and a resumed run continues after the last one.
     """
     config = engine.config
     layers = select_targets(engine.model, config.targets, config.exclude)
@@ -140,20 +145,25 @@ def streamed_survey(
     inside, outside = engine.layers_by_block(blocks)
     if outside:
         raise UsageError(f"the streamed survey covers the blocks only; {outside[0]!r} is outside them")
-    fisher = config.allocation == "fisher"
-    if fisher:
+    use_fisher = config.allocation == "fisher"
+    if use_fisher:
         check_causal_lm(engine.model)
     total = count_parameters(engine.model)
     saved = checkpoints.state.get("survey") if checkpoints is not None else None
-    if saved and saved.get("done"):
-        engine.say("the survey was done before the interruption: resuming after it")
-        engine.source_fingerprints(saved["fingerprints"])
-        return StreamedSurvey.restore(saved, checkpoints).survey(total, saved["timings"])
-    result = StreamedSurvey.restore(saved, checkpoints) if saved else StreamedSurvey()
     t0 = time.perf_counter() - (saved["seconds"] if saved else 0.0)
     with torch.no_grad(), exact_matmuls():
         setup = engine.begin(batches, blocks, two=False)
-        n_fisher = min(sensitivity_batch_count(batches), len(setup.streams)) if fisher else 0
+        fisher = None
+        if use_fisher:
+            n = min(sensitivity_batch_count(batches), len(setup.streams))
+            with engine.times("sensitivity_s"):
+                fisher = streamed_fisher(engine, blocks, setup, n, batches, inside, checkpoints=checkpoints)
+        weights = fisher if fisher is not None and config.output_weighting == "fisher" else None
+        if saved and saved.get("done"):
+            engine.say("the survey was done before the interruption: resuming after it")
+            engine.source_fingerprints(saved["fingerprints"])
+            return StreamedSurvey.restore(saved, checkpoints).survey(total, saved["timings"], weights)
+        result = StreamedSurvey.restore(saved, checkpoints) if saved else StreamedSurvey()
         start = saved["blocks_done"] if saved else 0
         if start:
             _restore_streams(setup.streams, checkpoints)
@@ -162,12 +172,13 @@ def streamed_survey(
         progress = Progress(engine.say, "survey", len(blocks) - start, unit="block")
         for i in range(start, len(blocks)):
             t_block = time.perf_counter()
-            result.keep_inputs(i, setup.streams.dense[:n_fisher], checkpoints)
-            block = engine.materialize(blocks, i)
+            block, prefix = engine.materialize(blocks, i), blocks.name(i)
             try:
+                block_weights = weights.renamed(prefix) if weights is not None else None
                 kept, meta = _survey_block(
-                    engine, block, blocks.name(i), inside[i], setup.calls[i], setup.streams, spill is not None, result
-                )
+                    engine, block, prefix, inside[i], setup.calls[i], setup.streams, spill is not None, result,
+                    block_weights,
+                )  # fmt: skip
             finally:
                 engine.source.release(block)
             if spill is not None:
@@ -175,40 +186,16 @@ def streamed_survey(
             if checkpoints is not None:
                 state = result.state(i + 1, time.perf_counter() - t0, getattr(engine.source, "fingerprints", {}))
                 checkpoints.save(_stream_tensors(setup.streams) | result.spectra(), survey=state)
-            progress.step(blocks.name(i))
-    t1 = time.perf_counter()
-    if n_fisher:
-        engine.say(f"sensitivities: the loss's gradient carried back through {len(blocks)} blocks")
-        sums = streamed_sensitivities(
-            engine.model,
-            blocks,
-            engine.source,
-            engine.device,
-            setup.streams,
-            result.inputs_of,
-            n_fisher,
-            setup.calls,
-            batches,
-            setup.template,
-            result.members,
-            checkpoints=checkpoints,
-            say=engine.say,
-        )
-        tokens = sum(
-            int(c.mask.sum()) if c.mask is not None else setup.streams.dense[b].shape[:2].numel()
-            for b, c in enumerate(setup.calls[0][:n_fisher])
-        )
+            progress.step(prefix)
+    if fisher is not None:
+        members = {name: ms for per_block in result.members for name, ms in per_block.items()}
         for c in result.curves:
-            c.sensitivity = sums.get(c.name, 0.0) / (max(tokens, 1) * max(c.d_out, 1))
-    timings = {
-        "survey_s": round(t1 - t0, 3),
-        "sensitivity_s": round(time.perf_counter() - t1, 3),
-        **engine.times.rounded(),
-    }
+            c.sensitivity = fisher.sensitivity(members[c.name])
+    timings = {"survey_s": round(time.perf_counter() - t0, 3), **engine.times.rounded()}
     if checkpoints is not None:
-        state = result.state(len(blocks), t1 - t0, getattr(engine.source, "fingerprints", {}))
+        state = result.state(len(blocks), time.perf_counter() - t0, getattr(engine.source, "fingerprints", {}))
         checkpoints.save(result.spectra(), survey={**state, "done": True, "timings": timings})
-    return result.survey(total, timings)
+    return result.survey(total, timings, weights)
 
 
 def _stream_tensors(streams: Any) -> dict[str, dict[str, torch.Tensor]]:
@@ -228,25 +215,7 @@ class StreamedSurvey:
     curves: list[GroupCurve] = field(default_factory=list)
     fixed: dict[str, int | None] = field(default_factory=dict)
     fixed_removed: int = 0
-    members: list[dict[str, list[str]]] = field(default_factory=list)  # per block: curve name → layers
-    inputs: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # the fisher batches' inputs, in memory
-    checkpoints: Any = None  # where the inputs are kept instead (a resumable run)
-
-    def keep_inputs(self, i: int, hiddens: list[torch.Tensor], checkpoints: Any) -> None:
-        """Block ``i``'s inputs for the sensitivity pass: on disk in a resumable run, else in memory."""
-        if not hiddens:
-            return
-        if checkpoints is not None:
-            self.checkpoints = checkpoints
-            checkpoints.save_tensors(f"ckpt-inputs-{i}", {str(b): h for b, h in enumerate(hiddens)})
-        else:
-            self.inputs[i] = list(hiddens)
-
-    def inputs_of(self, i: int) -> list[torch.Tensor]:
-        if i in self.inputs:
-            return self.inputs[i]
-        saved = self.checkpoints.load_tensors(f"ckpt-inputs-{i}")
-        return [saved[str(b)] for b in range(len(saved))]
+    members: list[dict[str, list[str]]] = field(default_factory=list)  # per block: curve name → full layer names
 
     def spectra(self) -> dict[str, dict[str, torch.Tensor]]:
         return {"ckpt-spectra": {c.name: c.spectrum for c in self.curves}}
@@ -273,13 +242,15 @@ class StreamedSurvey:
             GroupCurve(c["name"], c["kind"], c["d_in"], c["d_out"], spectra[c["name"]], c["sensitivity"])
             for c in state["curves"]
         ]
-        return cls(curves, dict(state["fixed"]), state["fixed_removed"], list(state["members"]), {}, checkpoints)
+        return cls(curves, dict(state["fixed"]), state["fixed_removed"], list(state["members"]))
 
-    def survey(self, total: int, timings: dict[str, float]) -> Survey:
-        return Survey(self.curves, self.fixed_removed, self.fixed, total, None, {}, timings)
+    def survey(self, total: int, timings: dict[str, float], fisher: Any = None) -> Survey:
+        return Survey(self.curves, self.fixed_removed, self.fixed, total, None, {}, timings, fisher)
 
 
-def _survey_block(engine, block, prefix, local, calls, streams, keep, result: StreamedSurvey) -> tuple[dict, dict]:
+def _survey_block(
+    engine, block, prefix, local, calls, streams, keep, result: StreamedSurvey, fisher: Any = None
+) -> tuple[dict, dict]:
     """Calibrate ``block`` on the dense stream (advancing it) and survey its groups into ``result``;
     returns what the spill keeps of the block: (kept factor tensors, their description)."""
     with (
@@ -301,12 +272,12 @@ def _survey_block(engine, block, prefix, local, calls, streams, keep, result: St
         groups = build_groups(local, calibration.input_of, engine.config.grouping)
         with engine.times("survey_factorize_s"):
             surveyed = survey_groups(
-                dict(block.named_modules()), groups, calibration, engine.config, prefix=prefix, keep=keep
+                dict(block.named_modules()), groups, calibration, engine.config, prefix=prefix, keep=keep, fisher=fisher
             )
         result.curves.extend(surveyed.curves)
         result.fixed.update(surveyed.fixed)
         result.fixed_removed += surveyed.fixed_removed
-        members = surveyed.members
+        members = {name: [f"{prefix}.{n}" for n in ms] for name, ms in surveyed.members.items()}
         meta["groups"] = [(names, calibration.of(names[0]).tokens) for names in groups]
         meta["kept"] = list(surveyed.kept)
         for name, factors in surveyed.kept.items():
@@ -344,7 +315,8 @@ def plan_budget(
         **sv.timings,
         "sensitivities": {c.name: c.sensitivity for c in sv.curves} if config.allocation == "fisher" else {},
     }
-    return Budget(ranks, sv.calibration, sv.cache, report)
+    report["output_weighting"] = "fisher" if sv.fisher is not None else "none"
+    return Budget(ranks, sv.calibration, sv.cache, report, sv.fisher)
 
 
 def check_overrides(config: LordConfig, layers: list[str]) -> None:

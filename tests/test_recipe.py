@@ -1,0 +1,107 @@
+"""The recipe around the closed form: block refinement, the fine-tune stage, the stage report and sanity
+check on held-out calibration blocks, and compressing to a quality target."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import lord_export as le
+from lord_export.cli import main as cli_main
+from lord_export.errors import UsageError
+from tests.helpers import STORIES_MODEL, STORIES_TEXT, PlainMLP, correlated_batches, needs_shared_data, tiny_model
+
+pytestmark = pytest.mark.slow
+
+
+def test_refinement_never_worsens_a_block_on_held_out_batches():
+    model = tiny_model("llama")
+    plan = le.compress(model, correlated_batches(n_batches=5, seq=40), rank_reduction=0.6, refine="block",
+                       refine_steps=16, refine_lr=1e-3)  # fmt: skip
+    blocks = plan.report["timings"]["refinement"]
+    assert len(blocks) == 2
+    for b in blocks:
+        assert b["held_out_error_after"] <= b["held_out_error_before"] and b["held_out_batches"] == 1
+    assert any(b["improved"] and b["held_out_error_after"] < b["held_out_error_before"] for b in blocks)
+
+
+def test_refinement_off_gives_the_closed_form_exactly():
+    batches = correlated_batches(seq=40)
+    a, b = tiny_model("llama"), tiny_model("llama")
+    plan = le.compress(a, batches, rank_reduction=0.5, refine="none")
+    layers = le.select_targets(b, ("all",))
+    closed = le.make_plan(b, le.calibrate(b, batches, layers), layers, le.LordConfig(rank_reduction=0.5))
+    assert plan.tensors.keys() == closed.tensors.keys()
+    for k, t in closed.tensors.items():
+        torch.testing.assert_close(plan.tensors[k], t, rtol=0, atol=1e-6, msg=k)
+
+
+def test_refinement_needs_blocks():
+    model = PlainMLP()
+    with pytest.raises(UsageError, match="block refinement needs"):
+        le.compress(model, lambda m: m(torch.randn(8, 24)), rank_reduction=0.5, refine="block")
+
+
+def test_finetune_stage_report_and_sanity_from_a_directory(tiny_llama_dir, code_corpus, tmp_path):
+    out = tmp_path / "lord"
+    args = ["compress", str(tiny_llama_dir), str(out), "--calib", str(code_corpus), "--calib-samples", "8"]
+    args += ["--calib-seqlen", "48", "--param-ratio", "0.8", "--refine", "block", "--finetune-steps", "2", "-q"]
+    assert cli_main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [s["stage"] for s in report["stages"]] == ["dense", "compressed", "fine-tuned"]
+    assert report["finetune"]["steps"] == 2 and report["timings"]["refinement"]
+    prompts = report["sanity"]["prompts"]
+    assert len(prompts) == 3 and all(p["compressed"] is not None for p in prompts)
+    assert report["calibration"]["samples"] == 7  # one of the 8 blocks held out
+    model = le.load(out)
+    assert model.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=3, do_sample=False, pad_token_id=0).shape == (1, 6)
+    assert any("fine-tuned end to end" in w for w in json.loads((out / "lord_plan.json").read_text())["warnings"])
+
+
+def test_too_little_calibration_is_warned_about_naming_the_remedy(tiny_llama_dir, code_corpus, tmp_path):
+    out = tmp_path / "lord"
+    args = ["compress", str(tiny_llama_dir), str(out), "--calib", str(code_corpus), "--calib-samples", "2"]
+    assert cli_main([*args, "--calib-seqlen", "32", "--rank-reduction", "0.5", "--holdout", "0", "-q"]) == 0
+    warnings = json.loads((out / "report.json").read_text())["warnings"]
+    assert any("tokens for inputs up to 160 features" in w and "more samples" in w for w in warnings), warnings
+
+
+@needs_shared_data
+def test_quality_target_is_met_and_monotone_in_the_bound(tmp_path):
+    """On real trained weights (stories260K): the chosen ratio's measured held-out increase is within the
+    bound, the next smaller ratio measured is not, and a tighter bound never gives a smaller ratio."""
+    calib = tmp_path / "calib.txt"
+    calib.write_text(STORIES_TEXT.read_text(encoding="utf-8")[:400_000], encoding="utf-8")
+    chosen = {}
+    for bound in (0.3, 0.05):
+        out = tmp_path / f"lord-{bound}"
+        args = ["compress", str(STORIES_MODEL), str(out), "--calib", str(calib), "--calib-samples", "32"]
+        args += ["--calib-seqlen", "256", "--max-ppl-increase", str(bound), "--separator", "<|endoftext|>", "-q"]
+        assert cli_main(args) == 0
+        report = json.loads((out / "report.json").read_text())
+        search = report["quality_target"]
+        ratio = search["chosen_param_ratio"]
+        at = {p["param_ratio"]: p["increase"] for p in search["curve"]}
+        key = round(ratio, 5)  # the curve's ratios are rounded
+        assert at[key] <= bound
+        assert all(inc > bound for r, inc in at.items() if r < key)  # smaller measured ratios broke the bound
+        assert abs(report["params_ratio"] - ratio) < 0.01
+        chosen[bound] = ratio
+    assert chosen[0.05] >= chosen[0.3]
+
+
+def test_quality_target_bad_input_writes_nothing(tiny_llama_dir, code_corpus, tmp_path):
+    from tests.cli_runner import run_cli
+
+    base = ["compress", str(tiny_llama_dir), str(tmp_path / "out"), "--calib", str(code_corpus)]
+    for extra, message in (
+        (["--max-ppl-increase", "0"], "must be > 0"),
+        (["--max-ppl-increase", "-0.1"], "must be > 0"),
+        (["--max-ppl-increase", "0.05", "--param-ratio", "0.8"], "not allowed with argument"),
+        (["--max-ppl-increase", "0.05", "--holdout", "0"], "held-out calibration blocks"),
+    ):
+        proc = run_cli(*base, *extra, "--calib-samples", "4", "--calib-seqlen", "32", "-q")
+        assert proc.returncode == 2 and message in proc.stderr, (extra, proc.stderr)
+        assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*")), extra
