@@ -16,6 +16,11 @@ REFINE_MODES = ("none", "block")
 #: The default refinement, chosen from the measurements in benchmarks/RESULTS.md.
 DEFAULT_REFINE = "none"
 OUTPUT_WEIGHTINGS = ("fisher", "none")
+#: shared: one bottleneck per group of layers reading the same input; separate: every layer on its own;
+#: auto: the allocation chooses per group (parameter budgets; shared with a rank reduction).
+GROUPINGS = ("auto", "shared", "separate")
+#: The default grouping, chosen from the measurements in benchmarks/RESULTS.md.
+DEFAULT_GROUPING = "auto"
 #: The default calibration mode, chosen from the measurements in benchmarks/RESULTS.md.
 DEFAULT_CALIBRATION = "independent"
 
@@ -144,9 +149,13 @@ class LordConfig:
         metadata={"help": "presets (all, attention, mlp, mlp-down), layer names/suffixes, or 're:<regex>'"},
     )
     exclude: tuple[str, ...] = field(default=(), metadata={"help": "patterns removed from the targets"})
-    grouping: bool = field(
-        default=True,
-        metadata={"help": "share one bottleneck among layers that read the same input (q/k/v, gate/up)"},
+    grouping: str = field(
+        default=DEFAULT_GROUPING,
+        metadata={
+            "help": "shared: one bottleneck among the layers that read the same input (q/k/v, gate/up); separate: "
+            "every layer factorized on its own; auto: with a parameter budget the allocation chooses, per group, "
+            "shared or separate by the predicted loss (with a rank reduction: shared)"
+        },
     )
     rank_multiple: int = field(
         default=1, metadata={"help": "round each rank to a multiple of this (e.g. 8 or 64 for tensor cores)"}
@@ -215,6 +224,10 @@ class LordConfig:
             raise UsageError(
                 f"unknown output weighting {self.output_weighting!r}; choose one of {', '.join(OUTPUT_WEIGHTINGS)}"
             )
+        if isinstance(self.grouping, bool):
+            self.grouping = "shared" if self.grouping else "separate"
+        if self.grouping not in GROUPINGS:
+            raise UsageError(f"unknown grouping {self.grouping!r}; choose one of {', '.join(GROUPINGS)}")
         if self.refine not in REFINE_MODES:
             raise UsageError(f"unknown refinement {self.refine!r}; choose one of {', '.join(REFINE_MODES)}")
         if int(self.refine_steps) < 1 or not float(self.refine_lr) > 0:

@@ -53,6 +53,22 @@ def test_old_spellings_still_parse_with_a_deprecation_warning(command, old, valu
     assert f"{old} is deprecated" in err and "0.3" in err
 
 
+def test_grouping_spellings():
+    from lord_export.cli.args import config_from_args
+
+    base = ["compress", *REQUIRED["compress"]]
+    for extra, expected in (([], "auto"), (["--no-grouping"], "separate"), (["--grouping", "shared"], "shared")):
+        assert config_from_args(build_parser().parse_args(base + extra)).grouping == expected
+    with pytest.raises(SystemExit):  # one or the other
+        build_parser().parse_args(base + ["--no-grouping", "--grouping", "shared"])
+
+
+def test_every_help_text_formats():
+    """argparse formats help with %: a stray percent sign in a help text breaks --help."""
+    for name, sub in build_parser()._subparsers._group_actions[0].choices.items():
+        assert sub.format_help(), name
+
+
 def test_old_spellings_are_hidden_from_help():
     help_text = build_parser()._subparsers._group_actions[0].choices["eval"].format_help()
     assert "--eval-window" in help_text and "--window" not in help_text.replace("--eval-window", "")

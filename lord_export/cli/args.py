@@ -26,7 +26,9 @@ from ..calibration.data import DEFAULT_SAMPLES, DEFAULT_SEQLEN, TOKENS_PER_FEATU
 from ..config import (
     CALIBRATION_MODES,
     DEFAULT_CALIBRATION,
+    DEFAULT_GROUPING,
     DEFAULT_REFINE,
+    GROUPINGS,
     OUTPUT_WEIGHTINGS,
     REFINE_MODES,
     LordConfig,
@@ -159,8 +161,8 @@ class Option:
 
 
 def config_help(name: str) -> str:
-    """The help text of a ``LordConfig`` field."""
-    return next(f.metadata["help"] for f in fields(LordConfig) if f.name == name)
+    """The help text of a ``LordConfig`` field, escaped for argparse (which formats help with ``%``)."""
+    return next(f.metadata["help"] for f in fields(LordConfig) if f.name == name).replace("%", "%%")
 
 
 COMPRESSION_OPTIONS = (
@@ -187,7 +189,15 @@ COMPRESSION_OPTIONS = (
         dict(nargs="+", default=["all"], metavar="T", help=f"{config_help('targets')}; presets: {', '.join(PRESETS)}"),
     ),
     Option("--exclude", dict(nargs="+", default=[], metavar="PATTERN", help=config_help("exclude"))),
-    Option("--no-grouping", dict(action="store_true", help="factorize every layer on its own (no shared bottleneck)")),
+    Option(
+        "--grouping", dict(choices=GROUPINGS, default=DEFAULT_GROUPING, help=config_help("grouping")), (), "grouping"
+    ),
+    Option(
+        "--no-grouping",
+        dict(action="store_const", const="separate", dest="grouping", help="the same as --grouping separate"),
+        (),
+        "grouping",
+    ),
     Option("--rank-multiple", dict(type=positive_int, default=1, metavar="M", help=config_help("rank_multiple"))),
     Option("--force", dict(action="store_true", help=config_help("force"))),
     Option(
@@ -260,7 +270,7 @@ def add_options(
         kw = dict(o.kwargs)
         flag = "--" + prefix + o.flag[2:]
         if prefix:
-            kw["dest"] = (prefix + o.flag[2:]).replace("-", "_")
+            kw["dest"] = (prefix + kw.get("dest", o.flag[2:])).replace("-", "_")
         if one_value and kw.get("nargs") == "+":
             kw.pop("nargs")
             kw.update(action="append", default=None)
@@ -442,7 +452,7 @@ def config_from_args(args: argparse.Namespace, prefix: str = "") -> LordConfig:
         method=get("method"),
         targets=tuple(get("targets") or ["all"]),
         exclude=tuple(get("exclude") or []),
-        grouping=not get("no_grouping", False),
+        grouping=get("grouping") or DEFAULT_GROUPING,
         rank_multiple=get("rank_multiple"),
         force=bool(get("force", False)),
         calibration=get("calibration"),

@@ -24,13 +24,20 @@ first step into factorization is one move that may span many rank units (parity-
 moves are hull segments in order of loss per parameter removed, and the last move is cut back to
 the smallest number of rank steps that meets the budget. Ties go to the earlier group, so the same
 inputs give the same ranks. Ranks are multiples of ``rank_multiple``.
+
+A group may come with ``alternatives``: the curves of its members factorized on their own (no shared
+bottleneck; ``grouping="auto"``). Sharing one B saves parameters but forces one subspace on all
+members; which is better depends on the group and on the budget. For ``fisher``/``spectrum`` such a
+group's options are its shared ranks and the split configurations on the lower hull of its members'
+combined curves (their hull segments merged by slope), and the greedy runs over the lower hull of
+them all: the allocation chooses, per group and per budget, shared or split, with the ranks.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -50,6 +57,7 @@ class GroupCurve:
     d_out: int
     spectrum: torch.Tensor  # descending eigenvalues of W C Wᵀ (float64)
     sensitivity: float = 1.0
+    alternatives: list[GroupCurve] = field(default_factory=list)  # the members on their own (the split option)
 
     @property
     def full_rank(self) -> int:
@@ -88,7 +96,8 @@ def allocate(
         return uniform(curves, target_removed, multiple)[0]
     if method == "svdllm-v2":
         return svdllm_v2(curves, target_removed, multiple)
-    weights = {c.name: (c.sensitivity if method == "fisher" else 1.0) for c in curves}
+    every = [*curves, *(m for c in curves for m in c.alternatives)]
+    weights = {c.name: (c.sensitivity if method == "fisher" else 1.0) for c in every}
     return greedy(curves, target_removed, multiple, weights)
 
 
@@ -129,37 +138,62 @@ def _hull(points: list[tuple[int, float, int | None]]) -> list[tuple[int, float,
     return hull
 
 
+#: One complete configuration of a group: (parameters removed, weighted loss, ranks by curve name).
+Choice = tuple[int, float, dict[str, int | None]]
+
+
+def choices(c: GroupCurve, multiple: int, weights: Mapping[str, float]) -> list[Choice]:
+    """Every configuration the greedy may give ``c``: dense, each shared rank and, with
+    ``alternatives``, the split configurations on the lower hull of the members' combined curves."""
+    out: list[Choice] = [(0, 0.0, {c.name: None})]
+    out += [(c.removed(r), weights[c.name] * c.error(r), {c.name: r}) for r in c.ranks(multiple)]
+    if not c.alternatives:
+        return out
+    hulls, segments = [], []
+    for mi, m in enumerate(c.alternatives):
+        pts = [(0, 0.0, None)] + [(m.removed(r), weights[m.name] * m.error(r), r) for r in m.ranks(multiple)]
+        hull = _hull(sorted(pts, key=lambda p: (p[0], p[1])))
+        hulls.append(hull)
+        for si in range(1, len(hull)):
+            segments.append(((hull[si][1] - hull[si - 1][1]) / (hull[si][0] - hull[si - 1][0]), mi, si))
+    config: dict[str, int | None] = {m.name: None for m in c.alternatives}
+    removed, loss = 0, 0.0
+    for _, mi, si in sorted(segments, key=lambda s: (s[0], s[1], s[2])):
+        before, after = hulls[mi][si - 1], hulls[mi][si]
+        removed, loss = removed + after[0] - before[0], loss + after[1] - before[1]
+        config = {**config, c.alternatives[mi].name: after[2]}
+        out.append((removed, loss, config))
+    return out
+
+
 def greedy(
     curves: Sequence[GroupCurve], target_removed: int, multiple: int, weights: Mapping[str, float]
 ) -> dict[str, int | None]:
     """Greedy over each group's convex (removed, weighted loss) hull; see the module docstring."""
-    segments = []  # (slope, group index, segment index, hull)
-    hulls = []
+    segments = []  # (slope, group index, segment index)
+    options, hulls = [], []
     for gi, c in enumerate(curves):
-        pts = [(0, 0.0, None)] + [(c.removed(r), weights[c.name] * c.error(r), r) for r in c.ranks(multiple)]
-        hull = _hull(sorted(pts, key=lambda p: (p[0], p[1])))
+        options.append(choices(c, multiple, weights))
+        hull = _hull(sorted(options[-1], key=lambda p: (p[0], p[1])))
         hulls.append(hull)
         for si in range(1, len(hull)):
             d_removed = hull[si][0] - hull[si - 1][0]
             segments.append(((hull[si][1] - hull[si - 1][1]) / d_removed, gi, si))
     segments.sort(key=lambda s: (s[0], s[1], s[2]))  # convex hulls: a group's segments come in order
-    chosen: dict[str, int | None] = {c.name: None for c in curves}
+    chosen: list[dict[str, int | None]] = [{c.name: None} for c in curves]
     removed = 0
     for _, gi, si in segments:
-        c, hull = curves[gi], hulls[gi]
-        before, after = hull[si - 1], hull[si]
+        before, after = hulls[gi][si - 1], hulls[gi][si]
         if removed + after[0] - before[0] >= target_removed:
-            # cut the move back: the largest rank between the segment's ends that meets the budget
-            for r in c.ranks(multiple):
-                if (before[2] is None or r < before[2]) and r >= after[2]:
-                    if removed + c.removed(r) - before[0] >= target_removed:
-                        chosen[c.name] = r
-                        return chosen
-            chosen[c.name] = after[2]
-            return chosen
-        chosen[c.name] = after[2]
+            # cut the move back: the least loss among the group's configurations between the segment's
+            # ends that meet the budget (for a single curve: the largest rank that does)
+            need = target_removed - removed + before[0]
+            fits = [o for o in options[gi] if need <= o[0] <= after[0]]
+            chosen[gi] = min(fits, key=lambda o: (o[1], o[0]))[2]
+            break
+        chosen[gi] = after[2]
         removed += after[0] - before[0]
-    return chosen
+    return {name: rank for config in chosen for name, rank in config.items()}
 
 
 def svdllm_v2(curves: Sequence[GroupCurve], target_removed: int, multiple: int) -> dict[str, int | None]:
@@ -208,5 +242,16 @@ def _rank_removing(c: GroupCurve, removed: float, multiple: int) -> int | None:
 
 
 def predicted_loss(curves: Sequence[GroupCurve], ranks: Mapping[str, int | None]) -> float:
-    """Σ_g s_g · E_g(r_g): what the fisher allocation minimizes."""
-    return sum(c.sensitivity * c.error(ranks[c.name]) for c in curves)
+    """Σ_g s_g · E_g(r_g): what the fisher allocation minimizes (a split group: its members' sum)."""
+    total = 0.0
+    for c in curves:
+        if c.name in ranks or not c.alternatives:
+            total += c.sensitivity * c.error(ranks[c.name])
+        else:
+            total += sum(m.sensitivity * m.error(ranks[m.name]) for m in c.alternatives)
+    return total
+
+
+def split_groups(curves: Sequence[GroupCurve], ranks: Mapping[str, int | None]) -> list[str]:
+    """The groups ``ranks`` splits into their members (their own names absent, their members' present)."""
+    return [c.name for c in curves if c.alternatives and c.name not in ranks]

@@ -14,6 +14,7 @@ compressed model's ``state_dict`` uses.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -44,6 +45,13 @@ class Member:
     row_end: int
 
 
+def group_name(layers: Sequence[str]) -> str:
+    """The name of the group made of ``layers`` (qualified names under one parent): ``parent.{a,b}``."""
+    parent = layers[0].rsplit(".", 1)[0] if "." in layers[0] else ""
+    leaves = ",".join(n.rsplit(".", 1)[-1] for n in layers)
+    return f"{parent}.{{{leaves}}}" if parent else f"{{{leaves}}}"
+
+
 @dataclass
 class Group:
     """Layers that read one input and share one bottleneck B (r × d_in)."""
@@ -70,8 +78,7 @@ class Group:
 
     @property
     def name(self) -> str:
-        leaves = ",".join(m.name.rsplit(".", 1)[-1] for m in self.members)
-        return f"{self.parent}.{{{leaves}}}" if self.parent else f"{{{leaves}}}"
+        return group_name([m.name for m in self.members])
 
     @property
     def bottleneck_name(self) -> str:

@@ -90,58 +90,22 @@ def compress_model_dir(
     ``data.holdout`` holds out.
     """
     from ..device import compute_dtype as choose_dtype
-    from ..device import resolve_device
     from ..persist.checkpoint import DEFAULT_MAX_SHARD_BYTES
-    from ..persist.hf import (
-        check_model_dir,
-        checkpoint_dtypes,
-        load_dense,
-        load_tokenizer,
-        main_dtype,
-        max_positions,
-        weights_bytes,
-    )
-    from ..persist.io import REPORT_FILE, atomic_output_dir, build_skeleton, check_output, write_into, write_json
-    from .engine import find_streamable_blocks
+    from ..persist.hf import checkpoint_dtypes, load_dense, load_tokenizer, main_dtype
+    from ..persist.io import REPORT_FILE, atomic_output_dir, build_skeleton, write_into, write_json
 
     say = progress or (lambda msg: None)
     max_shard_bytes = max_shard_bytes or DEFAULT_MAX_SHARD_BYTES
-    model_dir = check_model_dir(model_dir)
-    check_dense_model_dir(model_dir)
-    out = Path(output_dir)
-    check_output(out, overwrite)
-    if out.absolute() == model_dir.absolute():
-        raise UsageError("the output directory must differ from the model directory")
-    device = resolve_device(device)
-    text_files(calib)  # fail on missing/empty/binary paths before loading anything heavy
-    spills = config.max_ppl_increase is not None or (
-        config.param_ratio is not None and config.calibration == "independent"
-    )
-    _check_disk_space(out, weights_bytes(model_dir) * (2 if spills else 1), spills)
+    model_dir, out, device = _checked_inputs(model_dir, output_dir, calib, config, overwrite, device)
     stored = checkpoint_dtypes(model_dir)
     choice = choose_dtype(device, dtype or main_dtype(stored), dtype or compute_dtype)
     say(f"computing in {choice.describe()['compute_dtype']} ({choice.reason})")
     tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
     model = build_skeleton(model_dir, trust_remote_code)
-    widest = _widest_input(model, config)
-    data_options = _sized(_with_packing(data, model_dir, trust_remote_code), widest, max_positions(model_dir))
-    calib_all = calibration_set(tokenizer, calib, data_options, max_positions=max_positions(model_dir))
-    calib_set, held = calib_all.split(data_options.holdout)
-    size_warning = calibration_size_warning(calib_set.tokens, widest)
-    if size_warning:
-        say(f"warning: {size_warning}")
-    blocks, why = find_streamable_blocks(model)
-    if config.max_ppl_increase is not None and (blocks is None or _targets_outside(model, config, blocks)):
-        raise UsageError("a quality target needs a model compressed block by block, with targets inside the blocks")
-    if config.max_ppl_increase is not None and held is None:
-        raise UsageError(
-            "a quality target is measured on held-out calibration blocks: hold some out (holdout > 0, and at "
-            "least 2 calibration blocks)"
-        )
-    if blocks is not None and config.param_ratio is not None and _targets_outside(model, config, blocks):
-        # the streamed survey covers the blocks; targets outside them need the whole-model one
-        say("the targets include layers outside the blocks: the budget is allocated over the whole model in memory")
-        blocks = None
+    data_options, calib_all, calib_set, held, size_warning = _calibration_data(
+        model, model_dir, tokenizer, calib, config, data, trust_remote_code, say
+    )
+    blocks = _blocks_to_stream(model, config, held, say)
     on_cuda = torch.device(device).type == "cuda"
     if on_cuda:
         torch.cuda.reset_peak_memory_stats(device)
@@ -179,6 +143,64 @@ def compress_model_dir(
         write_json(tmp / REPORT_FILE, report)
         checkpoints.finish()
     return report
+
+
+def _checked_inputs(model_dir, output_dir, calib, config, overwrite, device) -> tuple[Path, Path, Any]:
+    """(model directory, output directory, device) once everything that can be checked before reading a
+    weight is: the directories, the kind of model, the output rule, the device, the calibration files,
+    the free disk space."""
+    from ..device import resolve_device
+    from ..persist.hf import check_model_dir, weights_bytes
+    from ..persist.io import check_output
+
+    model_dir = check_model_dir(model_dir)
+    check_dense_model_dir(model_dir)
+    out = Path(output_dir)
+    check_output(out, overwrite)
+    if out.absolute() == model_dir.absolute():
+        raise UsageError("the output directory must differ from the model directory")
+    device = resolve_device(device)
+    text_files(calib)  # fail on missing/empty/binary paths before loading anything heavy
+    spills = config.max_ppl_increase is not None or (
+        config.param_ratio is not None and config.calibration == "independent"
+    )
+    _check_disk_space(out, weights_bytes(model_dir) * (2 if spills else 1), spills)
+    return model_dir, out, device
+
+
+def _calibration_data(model, model_dir, tokenizer, calib, config, data, trust_remote_code, say):
+    """(options, all blocks, the blocks to fit on, the held-out blocks or None, the size warning or None):
+    the calibration set sized to the model's widest targeted input, split for the held-out slice."""
+    from ..persist.hf import max_positions
+
+    widest = _widest_input(model, config)
+    data_options = _sized(_with_packing(data, model_dir, trust_remote_code), widest, max_positions(model_dir))
+    calib_all = calibration_set(tokenizer, calib, data_options, max_positions=max_positions(model_dir))
+    calib_set, held = calib_all.split(data_options.holdout)
+    size_warning = calibration_size_warning(calib_set.tokens, widest)
+    if size_warning:
+        say(f"warning: {size_warning}")
+    return data_options, calib_all, calib_set, held, size_warning
+
+
+def _blocks_to_stream(model: nn.Module, config: LordConfig, held: Any, say: Callable) -> Any:
+    """The blocks to compress one at a time (None: the whole model in memory); UsageError for a
+    quality target the model or the data cannot support."""
+    from .engine import find_streamable_blocks
+
+    blocks, _ = find_streamable_blocks(model)
+    if config.max_ppl_increase is not None and (blocks is None or _targets_outside(model, config, blocks)):
+        raise UsageError("a quality target needs a model compressed block by block, with targets inside the blocks")
+    if config.max_ppl_increase is not None and held is None:
+        raise UsageError(
+            "a quality target is measured on held-out calibration blocks: hold some out (holdout > 0, and at "
+            "least 2 calibration blocks)"
+        )
+    if blocks is not None and config.param_ratio is not None and _targets_outside(model, config, blocks):
+        # the streamed survey covers the blocks; targets outside them need the whole-model one
+        say("the targets include layers outside the blocks: the budget is allocated over the whole model in memory")
+        return None
+    return blocks
 
 
 def after_compression(tmp, model_dir, tokenizer, calib_set, held, choice, stored, post, say) -> dict[str, Any]:

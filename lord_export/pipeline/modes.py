@@ -114,6 +114,7 @@ def kept(work: BlockWork) -> tuple[list[Group], dict[str, torch.Tensor]]:
         with work.times("forward_s"):
             advance_dense(work)
     tokens = {tuple(names): n for names, n in work.kept_groups or []}
+    tokens |= {(name,): n for names, n in work.kept_groups or [] for name in names}  # a group the allocation split
     with work.times("truncate_s"):
         return compress_groups(
             work.block,

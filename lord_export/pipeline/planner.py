@@ -34,7 +34,7 @@ from ..core import factorize as fz
 from ..core.allocate import GroupCurve
 from ..core.apply import apply_group
 from ..core.fingerprint import describe_model
-from ..core.plan import Group, Member, Plan
+from ..core.plan import Group, Member, Plan, group_name
 from ..core.targets import dense_weight, find_linears, linear_info, pattern_matches
 from ..errors import PlanError
 
@@ -50,19 +50,33 @@ def parent_of(name: str) -> str:
     return name.rsplit(".", 1)[0] if "." in name else ""
 
 
-def build_groups(layers: list[str], input_of: Mapping[str, str], grouping: bool) -> list[list[str]]:
-    """Partition ``layers`` into groups that read the same tensor and live under the same parent.
+def build_groups(layers: list[str], input_of: Mapping[str, str], grouping: bool | str) -> list[list[str]]:
+    """Partition ``layers`` into groups that read the same tensor and live under the same parent
+    (``grouping`` "separate" or False: one layer per group).
 
     ``input_of`` maps each layer to the key of the input it read (from the calibration hooks, not
     guessed from names); requiring a common parent keeps, e.g., cross-attention k/v projections of
     different decoder layers (which all read the encoder output) in separate groups.
     """
-    if not grouping:
+    if grouping in (False, "separate"):
         return [[n] for n in layers]
     groups: dict[tuple[str, str], list[str]] = {}
     for n in layers:
         groups.setdefault((input_of[n], parent_of(n)), []).append(n)
     return list(groups.values())
+
+
+def split_by(ranks: Mapping[str, int | None] | None, groups: Iterable[list[str]], prefix: str = "") -> list[list[str]]:
+    """``groups`` with those the allocation split (``grouping="auto"``: the group's own name absent from
+    ``ranks``, its members' present) replaced by their members, one group each."""
+    out: list[list[str]] = []
+    for names in groups:
+        full = [f"{prefix}.{n}" if prefix else n for n in names]
+        if ranks and len(names) > 1 and group_name(full) not in ranks and all(group_name([n]) in ranks for n in full):
+            out.extend([n] for n in names)
+        else:
+            out.append(list(names))
+    return out
 
 
 def override_for(group: Group, overrides: Mapping[str, Any]) -> Any:
@@ -178,6 +192,7 @@ def compress_groups(
     to ``root``) and their factor tensors.
     """
     modules = dict(root.named_modules()) if modules is None else modules
+    groups = split_by(ranks, groups, prefix)
     described: list[Group] = []
     tensors: dict[str, torch.Tensor] = {}
     for names in groups:
@@ -417,30 +432,50 @@ def survey_groups(
         if override_for(full, config.overrides) is not None:
             out.fixed[full.name] = group.rank if group.factorized else None
             out.fixed_removed += group.dense_params - group.factor_params if group.factorized else 0
-            keep_rank = group.rank if group.factorized else None
-            curve = None
-        else:
-            kind = ",".join(m.name.rsplit(".", 1)[-1] for m in group.members)
-            curve = GroupCurve(full.name, kind, group.d_in, group.d_out, torch.empty(0))
-            candidates = curve.ranks(config.rank_multiple)
-            keep_rank = candidates[0] if candidates else None  # the largest rank any allocation gives
-            out.curves.append(curve)
-            out.members[full.name] = names
-        factors = None
-        if keep and keep_rank is not None:
-            factors = out.kept[group.name] = keep_factors(modules, group, stats, config.method, keep_rank, fisher)
-        if curve is None:
+            if keep and group.factorized:
+                out.kept[group.name] = keep_factors(modules, group, stats, config.method, group.rank, fisher)
             continue
-        if factors is not None:
-            curve.spectrum = factors.spectrum.cpu()
-        else:
-            W = weighted_weight(modules, group, fisher)[0].to(stats.C.device)
-            if decompose:
-                out.decompositions[full.name] = fz.output_spectrum(W, stats.C)
-                curve.spectrum = out.decompositions[full.name][0].cpu()
-            else:
-                curve.spectrum = fz.output_eigenvalues(W, stats.C).cpu()
+        curve = _survey_curve(modules, group, full.name, stats, config, out, keep, decompose, fisher)
+        out.curves.append(curve)
+        out.members[full.name] = names
+        if config.grouping == "auto" and len(names) > 1:  # the split option: each member on its own
+            for n in names:
+                member = describe_group(modules, [n], config, ranks={}, prefix=prefix)
+                name = (member.renamed(prefix) if prefix else member).name
+                curve.alternatives.append(
+                    _survey_curve(modules, member, name, stats, config, out, keep, decompose, fisher)
+                )
+                out.members[name] = [n]
     return out
+
+
+def _survey_curve(
+    modules: Mapping[str, nn.Module],
+    group: Group,
+    full_name: str,
+    stats: InputStats,
+    config: LordConfig,
+    out: SurveyedGroups,
+    keep: bool,
+    decompose: bool,
+    fisher: Any,
+) -> GroupCurve:
+    """The error curve of ``group`` (and, per :func:`survey_groups`, its kept factors or decomposition)."""
+    kind = ",".join(m.name.rsplit(".", 1)[-1] for m in group.members)
+    curve = GroupCurve(full_name, kind, group.d_in, group.d_out, torch.empty(0))
+    candidates = curve.ranks(config.rank_multiple)
+    keep_rank = candidates[0] if candidates else None  # the largest rank any allocation gives
+    if keep and keep_rank is not None:
+        factors = out.kept[group.name] = keep_factors(modules, group, stats, config.method, keep_rank, fisher)
+        curve.spectrum = factors.spectrum.cpu()
+        return curve
+    W = weighted_weight(modules, group, fisher)[0].to(stats.C.device)
+    if decompose:
+        out.decompositions[full_name] = fz.output_spectrum(W, stats.C)
+        curve.spectrum = out.decompositions[full_name][0].cpu()
+    else:
+        curve.spectrum = fz.output_eigenvalues(W, stats.C).cpu()
+    return curve
 
 
 # -------------------------------------------------------------------------------- a whole model

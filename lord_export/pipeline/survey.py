@@ -29,7 +29,7 @@ from torch import nn
 from ..calibration.blocks import run_block
 from ..calibration.statistics import Calibration, Calibrator, batch_kwargs, calibrating, exact_matmuls, warn_few_tokens
 from ..config import LordConfig
-from ..core.allocate import GroupCurve, allocate, predicted_loss
+from ..core.allocate import GroupCurve, allocate, predicted_loss, split_groups
 from ..core.fingerprint import count_parameters
 from ..core.targets import pattern_matches, select_targets
 from ..device import model_device
@@ -103,8 +103,9 @@ def survey(
     fisher = probe.fisher if probe is not None and config.output_weighting == "fisher" else None
     surveyed = survey_groups(dict(model.named_modules()), groups, calibration, config, decompose=True, fisher=fisher)
     if probe is not None and surveyed.curves:
-        for c, s in zip(surveyed.curves, probe.sensitivities(surveyed.members).values(), strict=True):
-            c.sensitivity = s
+        sensitivities = probe.sensitivities(surveyed.members)
+        for c in every_curve(surveyed.curves):
+            c.sensitivity = sensitivities[c.name]
     # sensitivity_s: the forward + backward of the probe's batches (their forward also calibrated)
     timings = {"survey_s": round(time.perf_counter() - t0 - probe_s, 3), "sensitivity_s": round(probe_s, 3)}
     return Survey(
@@ -189,7 +190,7 @@ def streamed_survey(
             progress.step(prefix)
     if fisher is not None:
         members = {name: ms for per_block in result.members for name, ms in per_block.items()}
-        for c in result.curves:
+        for c in every_curve(result.curves):
             c.sensitivity = fisher.sensitivity(members[c.name])
     timings = {"survey_s": round(time.perf_counter() - t0, 3), **engine.times.rounded()}
     if checkpoints is not None:
@@ -218,13 +219,14 @@ class StreamedSurvey:
     members: list[dict[str, list[str]]] = field(default_factory=list)  # per block: curve name → full layer names
 
     def spectra(self) -> dict[str, dict[str, torch.Tensor]]:
-        return {"ckpt-spectra": {c.name: c.spectrum for c in self.curves}}
+        return {"ckpt-spectra": {c.name: c.spectrum for c in every_curve(self.curves)}}
 
     def state(self, blocks_done: int, seconds: float, fingerprints: dict) -> dict[str, Any]:
-        curves = [
-            {"name": c.name, "kind": c.kind, "d_in": c.d_in, "d_out": c.d_out, "sensitivity": c.sensitivity}
-            for c in self.curves
-        ]
+        def described(c: GroupCurve) -> dict[str, Any]:
+            d = {"name": c.name, "kind": c.kind, "d_in": c.d_in, "d_out": c.d_out, "sensitivity": c.sensitivity}
+            return d | ({"alternatives": [described(m) for m in c.alternatives]} if c.alternatives else {})
+
+        curves = [described(c) for c in self.curves]
         return {
             "blocks_done": blocks_done,
             "seconds": seconds,
@@ -238,10 +240,14 @@ class StreamedSurvey:
     @classmethod
     def restore(cls, state: dict[str, Any], checkpoints: Any) -> StreamedSurvey:
         spectra = checkpoints.load_tensors("ckpt-spectra") if state["curves"] else {}
-        curves = [
-            GroupCurve(c["name"], c["kind"], c["d_in"], c["d_out"], spectra[c["name"]], c["sensitivity"])
-            for c in state["curves"]
-        ]
+
+        def curve(c: dict[str, Any]) -> GroupCurve:
+            alternatives = [curve(m) for m in c.get("alternatives", [])]
+            return GroupCurve(
+                c["name"], c["kind"], c["d_in"], c["d_out"], spectra[c["name"]], c["sensitivity"], alternatives
+            )
+
+        curves = [curve(c) for c in state["curves"]]
         return cls(curves, dict(state["fixed"]), state["fixed_removed"], list(state["members"]))
 
     def survey(self, total: int, timings: dict[str, float], fisher: Any = None) -> Survey:
@@ -314,9 +320,16 @@ def plan_budget(
         "predicted_loss": predicted_loss(sv.curves, ranks),
         **sv.timings,
         "sensitivities": {c.name: c.sensitivity for c in sv.curves} if config.allocation == "fisher" else {},
+        "grouping": config.grouping,
+        "split_groups": split_groups(sv.curves, ranks),
     }
     report["output_weighting"] = "fisher" if sv.fisher is not None else "none"
     return Budget(ranks, sv.calibration, sv.cache, report, sv.fisher)
+
+
+def every_curve(curves: Sequence[GroupCurve]) -> list[GroupCurve]:
+    """``curves`` and their alternatives (the members of groups the allocation may split)."""
+    return [*curves, *(m for c in curves for m in c.alternatives)]
 
 
 def check_overrides(config: LordConfig, layers: list[str]) -> None:
