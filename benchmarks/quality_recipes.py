@@ -8,20 +8,22 @@ users run it: ``lord-export compress MODEL_DIR OUT --calib … --param-ratio P [
 
 Rows (each a set of ``compress`` flags; the parameter ratio and calibration are the same for all):
 
-* ``uniform`` — one rank reduction for every group, the closed form per matrix;
+* ``uniform`` — one rank reduction for every group (shared bottlenecks), the closed form per matrix;
 * ``fisher`` — the Fisher allocation, the closed form per matrix (lord_export 0.1's recipe);
 * ``weighted`` — + output-Fisher weighting of each group's closed form;
-* ``ungrouped`` — ``weighted`` with every layer factorized on its own (no shared bottleneck);
-* ``compensating`` — ``weighted`` + compensating calibration;
-* ``refined`` — ``weighted`` + block refinement;
-* ``finetuned`` — ``weighted`` + the end-to-end fine-tune stage (``--finetune-steps``);
+* ``auto`` — ``weighted`` + adaptive grouping (a group keeps its shared bottleneck or is split per
+  member, whichever the survey predicts loses less at the same size);
+* ``compensating`` — ``auto`` + compensating calibration;
+* ``refined`` — ``auto`` + block refinement;
+* ``finetuned`` — ``auto`` + the end-to-end fine-tune stage (``--finetune-steps``);
 * ``default`` — no flags: what ``lord-export compress … --param-ratio P`` does.
 
 Models: ``smollm2=DIR`` (and any ``name=DIR`` on standard-library code), ``reference`` (the shipped
 reference code model; both on the reference model's standard-library split: calibration files /
 evaluation files), ``stories260k`` (../shared/data; TinyStories: the first stories to calibrate,
-the last 1,000 to evaluate). Every compression holds out the default share of its calibration
-blocks (the report's held-out stage perplexities); the table's perplexity is on the evaluation files.
+the last 1,000 to evaluate). Every compression holds out the default share of its calibration blocks
+(the report's held-out stage perplexities); the table's perplexity is on the evaluation files.
+Results are merged into ``--json`` by (model, row, ratio), so rows can be measured in several runs.
 """
 
 from __future__ import annotations
@@ -39,14 +41,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 STORIES = ROOT.parent / "shared" / "data"
 
+FIXED = ["--grouping", "shared", "--refine", "none"]
 ROWS = {
-    "uniform": ["--allocation", "uniform", "--output-weighting", "none", "--refine", "none"],
-    "fisher": ["--allocation", "fisher", "--output-weighting", "none", "--refine", "none"],
-    "weighted": ["--allocation", "fisher", "--output-weighting", "fisher", "--refine", "none"],
-    "ungrouped": ["--allocation", "fisher", "--output-weighting", "fisher", "--refine", "none", "--no-grouping"],
-    "compensating": ["--output-weighting", "fisher", "--calibration", "compensating", "--refine", "none"],
-    "refined": ["--output-weighting", "fisher", "--refine", "block"],
-    "finetuned": ["--output-weighting", "fisher", "--refine", "none"],  # + --finetune-steps
+    "uniform": ["--allocation", "uniform", "--output-weighting", "none", *FIXED],
+    "fisher": ["--allocation", "fisher", "--output-weighting", "none", *FIXED],
+    "weighted": ["--allocation", "fisher", "--output-weighting", "fisher", *FIXED],
+    "auto": ["--allocation", "fisher", "--output-weighting", "fisher", "--grouping", "auto", "--refine", "none"],
+    "compensating": ["--grouping", "auto", "--calibration", "compensating", "--refine", "none"],
+    "refined": ["--grouping", "auto", "--refine", "block"],
+    "finetuned": ["--grouping", "auto", "--refine", "none"],  # + --finetune-steps
     "default": [],
 }
 
@@ -109,7 +112,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", action="append", required=True, help="reference, stories260k, or NAME=DIR")
     ap.add_argument("--ratios", default="0.9,0.8,0.7")
-    ap.add_argument("--rows", default="uniform,fisher,weighted,ungrouped,compensating,refined,finetuned")
+    ap.add_argument("--rows", default="uniform,fisher,weighted,auto,compensating,refined,finetuned,default")
     ap.add_argument("--calib-samples", type=int, default=64)
     ap.add_argument("--calib-seqlen", type=int, default=512)
     ap.add_argument("--eval-tokens", type=int, default=16384)
@@ -127,6 +130,8 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "models": {},
     }
+    previous = json.loads(Path(args.json).read_text()) if Path(args.json).exists() else {}
+    results["models"] = previous.get("models", {})  # rows measured before are kept unless measured again
     tmp = Path(tempfile.mkdtemp(prefix="quality-recipes-"))
     for entry in args.model:
         name, _, value = entry.partition("=")
@@ -134,7 +139,11 @@ def main() -> None:
         dense = evaluate(model_dir, held, extra, args, tmp / f"{name}-dense.json")
         print(f"\n{name}: dense perplexity {dense:.4f} on {args.eval_tokens:,} held-out tokens", flush=True)
         print(f"{'ratio':>5} {'row':<13} {'params':>7} {'ppl':>9} {'increase':>9} {'seconds':>8}  stages", flush=True)
-        table = []
+        table = [
+            r
+            for r in results["models"].get(name, {}).get("rows", [])
+            if not (r["row"] in rows and r["param_ratio"] in ratios)
+        ]
         for ratio in ratios:
             for row in rows:
                 r = run_row(model_dir, calib, held, extra, ratio, row, args, tmp / name)
@@ -143,7 +152,13 @@ def main() -> None:
                 stages = ", ".join(f"{k} {v:.0f}s" for k, v in (r["stage_seconds"] or {}).items())
                 print(f"{ratio:>5} {row:<13} {r['params_ratio']:>7.4f} {r['perplexity']:>9.4f} "
                       f"{100 * r['increase']:>+8.1f}% {r['compress_seconds']:>8.0f}  {stages}", flush=True)  # fmt: skip
-                results["models"][name] = {"model_dir": str(model_dir), "dense_perplexity": dense, "rows": table}
+                results["models"][name] = {
+                    "model_dir": str(model_dir),
+                    "dense_perplexity": dense,
+                    "eval_tokens": args.eval_tokens,
+                    "calibration": f"{args.calib_samples} x {args.calib_seqlen} tokens",
+                    "rows": sorted(table, key=lambda r: (-r["param_ratio"], list(ROWS).index(r["row"]))),
+                }
                 Path(args.json).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.json).write_text(json.dumps(results, indent=2))
     print(f"\nwrote {args.json}")

@@ -119,7 +119,7 @@ def compress_model_dir(
             model = load_dense(model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
             plan = compress(model, calib_set.batches(), config, compute_dtype=choice.compute, **options)
             write_into(tmp, model, plan, source_dir=model_dir, max_shard_bytes=max_shard_bytes)
-            report = _finish_report(plan.report, model_dir, device, choice, calib_set, on_cuda, size_warning)
+            report = _finish_report(plan.report, model_dir, device, choice, calib_set, held, on_cuda, size_warning)
             del model
             report |= after_compression(tmp, model_dir, tokenizer, calib_set, held, choice, stored, post, say)
             write_json(tmp / REPORT_FILE, report)
@@ -138,7 +138,7 @@ def compress_model_dir(
                 say("no checkpoint to resume from: starting from the beginning")
         run = StreamedRun(model, model_dir, blocks, tmp, calib_set, config, choice, stores, max_shard_bytes, held)
         report = run.compress(checkpoints, progress=say, bars=bars, **options)
-        report = _finish_report(report, model_dir, device, choice, calib_set, on_cuda, size_warning)
+        report = _finish_report(report, model_dir, device, choice, calib_set, held, on_cuda, size_warning)
         report |= after_compression(tmp, model_dir, tokenizer, calib_set, held, choice, stores, post, say)
         write_json(tmp / REPORT_FILE, report)
         checkpoints.finish()
@@ -292,7 +292,14 @@ def _sized(options: CalibrationOptions, widest: int, positions: int | None) -> C
 
 
 def _finish_report(
-    report: dict, model_dir: Path, device: Any, choice: Any, calib_set: Any, on_cuda: bool, size_warning: Any = None
+    report: dict,
+    model_dir: Path,
+    device: Any,
+    choice: Any,
+    calib_set: Any,
+    held: Any,
+    on_cuda: bool,
+    size_warning: Any = None,
 ) -> dict:
     if size_warning and size_warning not in report["warnings"]:
         report["warnings"].append(size_warning)
@@ -302,6 +309,7 @@ def _finish_report(
     if on_cuda:  # what the GPU needed: the streamed path's claim is one block's worth
         report["cuda_peak_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
     report["calibration"].update(calib_set.describe())
+    report["calibration"]["held_out_samples"] = int(held.input_ids.shape[0]) if held is not None else 0
     return report
 
 
