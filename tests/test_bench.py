@@ -174,6 +174,7 @@ def test_too_many_tokens_for_the_model_is_a_usage_error(tiny_llama_dir, lord_dir
     assert proc.returncode == 2 and "positions" in proc.stderr
 
 
+@pytest.mark.slow
 def test_bench_compile_backend_runs_the_lord_pass(tiny_llama_dir, lord_dir, tmp_path):
     """torch.compile: inductor for dense vs backend='lord' with the plan; the bench checks the compiled
     model reproduces the eager LoRD model before timing it."""

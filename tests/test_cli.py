@@ -137,6 +137,7 @@ def test_bad_arguments_exit_2_and_write_nothing(case, tiny_llama_dir, code_corpu
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_bad_paths_exit_2_and_write_nothing(tiny_llama_dir, code_corpus, tmp_path, binary_file):
     empty_file = tmp_path / "empty.txt"
     empty_file.write_text("")
@@ -162,6 +163,7 @@ def test_bad_paths_exit_2_and_write_nothing(tiny_llama_dir, code_corpus, tmp_pat
         assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
+@pytest.mark.slow
 def test_existing_output_is_refused_unless_overwrite(tiny_llama_dir, code_corpus, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -232,6 +234,7 @@ def test_console_script_is_installed():
     assert proc.returncode == 0 and "compress" in proc.stdout
 
 
+@pytest.mark.slow
 def test_eval_is_independent_of_batch_size_and_reads_lord_dirs(tiny_llama_dir, code_corpus, tmp_path):
     results = []
     for batch in ("1", "5"):
@@ -277,6 +280,7 @@ def test_eval_is_independent_of_batch_size_and_reads_lord_dirs(tiny_llama_dir, c
     assert proc.returncode == 0 and proc.stdout.startswith("perplexity ")
 
 
+@pytest.mark.slow
 def test_eval_bad_input(tiny_llama_dir, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("x = 1\n")
@@ -286,6 +290,7 @@ def test_eval_bad_input(tiny_llama_dir, tmp_path):
     assert proc.returncode == 2 and "exceeds the model's 128 positions" in proc.stderr
 
 
+@pytest.mark.slow
 def test_sweep_writes_table_and_plots(tiny_llama_dir, code_corpus, tmp_path):
     out = tmp_path / "sweep"
     proc = run_cli(
@@ -346,6 +351,7 @@ def test_sweep_writes_table_and_plots(tiny_llama_dir, code_corpus, tmp_path):
     assert bad.returncode == 2 and "[0, 1)" in bad.stderr
 
 
+@pytest.mark.slow
 def test_sweep_over_budgets_allocations_and_calibration_modes(tiny_llama_dir, code_corpus, tmp_path):
     out = tmp_path / "sweep"
     proc = run_cli(

@@ -109,6 +109,7 @@ def test_exit_2_for_bad_usage(tmp_path):
     assert proc.returncode == EXIT_USAGE and proc.stderr.startswith("lord-export: error:")
 
 
+@pytest.mark.slow
 def test_exit_3_for_a_corrupt_plan(tiny_llama_dir, code_corpus, tmp_path):
     out = tmp_path / "lord"
     proc = run_cli(
@@ -177,6 +178,7 @@ def test_every_model_loading_command_takes_trust_remote_code():
         assert any("--trust-remote-code" in a.option_strings for a in sub._actions), name
 
 
+@pytest.mark.slow
 def test_eval_token_budget_is_evenly_spaced_and_deterministic(tiny_llama_dir, code_corpus, tmp_path):
     runs = []
     for _ in range(2):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import re
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch._inductor.compile_fx import compile_fx
@@ -31,6 +32,7 @@ def greedy(model, prompt: torch.Tensor, steps: int) -> list[int]:
     return tokens
 
 
+@pytest.mark.slow
 def test_compiled_decode_holds_factors_as_inputs_and_matches_eager_lord():
     dense = tiny_model("llama")
     lord = copy.deepcopy(dense)

@@ -66,6 +66,7 @@ def test_reference_model_ships_and_has_learned_python():
     assert text == "def main():\n    return 0\n"  # byte-level BPE round-trips source exactly
 
 
+@pytest.mark.slow
 def test_demo_on_a_given_model_writes_table_json_plot_and_onnx(tiny_llama_dir, code_corpus, tmp_path):
     out = tmp_path / "demo"
     args = [
@@ -115,6 +116,7 @@ def test_demo_on_a_given_model_writes_table_json_plot_and_onnx(tiny_llama_dir, c
     assert proc.returncode == 2 and "in [0, 1)" in proc.stderr and not (tmp_path / "y").exists()
 
 
+@pytest.mark.slow
 def test_demo_default_runs_on_the_reference_model(tmp_path):
     """The README's main job with its defaults (fewer timed runs and eval tokens to keep CI short)."""
     proc = run_cli("demo", "--eval-tokens", "8192", "--repeats", "3", cwd=tmp_path)
@@ -129,6 +131,7 @@ def test_demo_default_runs_on_the_reference_model(tmp_path):
         assert dense["perplexity"] < r["perplexity"] < 2 * dense["perplexity"]
 
 
+@pytest.mark.slow
 def test_training_script_runs_end_to_end(tmp_path):
     """examples/train_reference_model.py on a few files with a tiny model: it writes a loadable model + record."""
     out = tmp_path / "ref"

@@ -198,6 +198,7 @@ def test_dynamo_merges_eager_lord_bottlenecks():
 
 
 @pytest.mark.parametrize("dynamic", [False, True])
+@pytest.mark.slow
 def test_backend_by_name_with_inductor(llama_pair, tmp_path, dynamic):
     dense, lord, plan = llama_pair
     out = tmp_path / "lord"

