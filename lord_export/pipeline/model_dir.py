@@ -87,7 +87,7 @@ def compress_model_dir(
     ``finetune_steps`` > 0 runs the end-to-end stage (the factors distilled from the dense model);
     ``measure`` (default: for models up to 3B parameters) reports the held-out perplexity after each
     stage and ``sanity_prompts`` greedy continuations, dense vs compressed, on the calibration blocks
-    ``data.holdout`` holds out.
+    ``data.holdout`` holds out. (Its length is this signature and docstring; the body is ~45 lines.)
     """
     from ..device import compute_dtype as choose_dtype
     from ..persist.checkpoint import DEFAULT_MAX_SHARD_BYTES
