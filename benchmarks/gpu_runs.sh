@@ -3,7 +3,7 @@
 # fits one 10-minute command). Run from the repository root on a CUDA machine that has torch and
 # transformers; lord_export is used from the checkout (PYTHONPATH), results go to ${OUT:-gpu-results}.
 #
-#   bash benchmarks/gpu_runs.sh smoke|compile-small|bench|bench-compile|scale2|scale8|scale32|bench-multiples|torchao|heal-memory
+#   bash benchmarks/gpu_runs.sh smoke|compile-small|bench|bench-compile|scale2|scale8|scale32|bench-multiples|decode-graphs|torchao|heal-memory
 set -u
 OUT=${OUT:-gpu-results}
 mkdir -p "$OUT"
@@ -43,6 +43,9 @@ for part in "$@"; do
         python3 benchmarks/bench_llama.py --dtype bfloat16 "${SEVEN_B[@]}" --layers 4 --tokens 512 2048 \
           --backends eager,compile --repeats 5 --rank-multiple $m --json "$OUT/bench_llama7b_cuda_bf16_m$m.json"
       done ;;
+    decode-graphs)  # decode under CUDA graphs (static cache, mode="reduce-overhead"), rank multiples 8/64/128
+      python3 benchmarks/decode_graphs.py --dtype bfloat16 "${SEVEN_B[@]}" --layers 4 --multiples 8 64 128 \
+        --batches 1 16 --json "$OUT/decode_graphs_7b_cuda_bf16.json" ;;
     torchao)
       python3 benchmarks/torchao_weight_only.py "${SEVEN_B[@]}" --layers 4 --rank-multiple 128 ${TORCHAO_FLAGS:-} \
         --json "$OUT/torchao_weight_only_cuda.json" ;;
