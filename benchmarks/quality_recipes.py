@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -125,7 +126,7 @@ def main() -> None:
         raise SystemExit(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
     ratios = [float(r) for r in args.ratios.split(",")]
     results: dict = {
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command": " ".join([Path(sys.argv[0]).name, *(re.sub(r"=.*", "=DIR", a) for a in sys.argv[1:])]),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "date": time.strftime("%Y-%m-%d"),
         "models": {},
@@ -153,7 +154,7 @@ def main() -> None:
                 print(f"{ratio:>5} {row:<13} {r['params_ratio']:>7.4f} {r['perplexity']:>9.4f} "
                       f"{100 * r['increase']:>+8.1f}% {r['compress_seconds']:>8.0f}  {stages}", flush=True)  # fmt: skip
                 results["models"][name] = {
-                    "model_dir": str(model_dir),
+                    "model": name,
                     "dense_perplexity": dense,
                     "eval_tokens": args.eval_tokens,
                     "calibration": f"{args.calib_samples} x {args.calib_seqlen} tokens",
