@@ -19,6 +19,8 @@ OUTPUT_WEIGHTINGS = ("fisher", "none")
 #: shared: one bottleneck per group of layers reading the same input; separate: every layer on its own;
 #: auto: the allocation chooses per group (parameter budgets; shared with a rank reduction).
 GROUPINGS = ("auto", "shared", "separate")
+#: How the experts of a mixture-of-experts layer are factorized (see ``LordConfig.expert_basis``).
+EXPERT_BASES = ("per-expert", "shared")
 #: The default grouping, chosen from the measurements in benchmarks/RESULTS.md.
 DEFAULT_GROUPING = "auto"
 #: The default calibration mode, chosen from the measurements in benchmarks/RESULTS.md.
@@ -157,6 +159,14 @@ class LordConfig:
             "shared or separate by the predicted loss (with a rank reduction: shared)"
         },
     )
+    expert_basis: str = field(
+        default="per-expert",
+        metadata={
+            "help": "mixture-of-experts layers: per-expert (each expert's gate/up its own bottleneck, fitted to the "
+            "tokens routed to it) or shared (one bottleneck for the gate/up of all experts of a layer, fitted to the "
+            "union of their routed tokens, and one up-projection per expert: fewer parameters per rank)"
+        },
+    )
     rank_multiple: int = field(
         default=1, metadata={"help": "round each rank to a multiple of this (e.g. 8 or 64 for tensor cores)"}
     )
@@ -228,6 +238,13 @@ class LordConfig:
             self.grouping = "shared" if self.grouping else "separate"
         if self.grouping not in GROUPINGS:
             raise UsageError(f"unknown grouping {self.grouping!r}; choose one of {', '.join(GROUPINGS)}")
+        if self.expert_basis not in EXPERT_BASES:
+            raise UsageError(f"unknown expert basis {self.expert_basis!r}; choose one of {', '.join(EXPERT_BASES)}")
+        if self.expert_basis == "shared" and self.calibration != "independent":
+            raise UsageError(
+                f"a shared expert basis is fitted with independent calibration, not {self.calibration!r} "
+                "(the routed statistics of all experts are pooled once per layer)"
+            )
         if self.refine not in REFINE_MODES:
             raise UsageError(f"unknown refinement {self.refine!r}; choose one of {', '.join(REFINE_MODES)}")
         if int(self.refine_steps) < 1 or not float(self.refine_lr) > 0:

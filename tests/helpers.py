@@ -185,8 +185,37 @@ CAUSAL = [a for a in ARCHS if a != "bert"]
 MIXED = ["gemma2", "gemma3"]
 
 
+#: Mixture-of-experts architectures (transformers 5 fuses their experts into 3-D parameters).
+MOE = ["mixtral", "qwen2_moe", "qwen3_moe"]
+
+
+def _moe_config(arch: str):
+    from transformers import AutoConfig
+
+    kw = dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=128,
+        num_experts_per_tok=2,
+    )
+    if arch == "mixtral":  # expert intermediate 48: 2I != H, so orientations cannot be confused
+        kw.update(num_local_experts=4, intermediate_size=48)
+    else:
+        kw.update(num_experts=4, moe_intermediate_size=48, intermediate_size=96, head_dim=16, decoder_sparse_step=1)
+        if arch == "qwen2_moe":
+            kw.update(shared_expert_intermediate_size=96)
+    return AutoConfig.for_model(arch, **kw)
+
+
 def tiny_model(arch: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
+    if arch in MOE:
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_config(_moe_config(arch)).to(dtype).eval()
     cls, cfg = _configs()[arch]
     model = cls(cfg).to(dtype).eval()
     if arch in ("qwen2",):  # q/k/v biases start at zero; make them matter

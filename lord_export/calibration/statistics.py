@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.experts import is_expert_layer
 from ..errors import CalibrationError
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,8 @@ class InputStats:
     C: torch.Tensor
     abs_sum: torch.Tensor
     tokens: int = 0
+    #: tokens' worth of statistics borrowed from elsewhere (an expert that saw too few routed tokens)
+    borrowed: int = 0
 
     @classmethod
     def zeros(cls, d: int, device: torch.device | str) -> InputStats:
@@ -214,6 +217,10 @@ class Calibrator:
     def result(self) -> Calibration:
         if not self.stats:
             raise CalibrationError("calibration saw no tokens: the model was never run on the data")
+        fallback = fill_sparse_experts(self.stats, self.input_of, self.order, self.layers)
+        if fallback:
+            log.info(fallback)
+            self.warnings.append(fallback)
         missing = [n for n in self.layers if n not in self.input_of]
         if missing:
             raise CalibrationError(f"calibration never reached layers {missing[:5]} (the forward did not use them)")
@@ -262,6 +269,8 @@ class Calibrator:
 
     def _accumulate(self, key: str, name: str, x: torch.Tensor) -> None:
         rows = select_tokens(x, self._mask)
+        if rows is None and is_expert_layer(name):
+            rows = x.detach().reshape(-1, x.shape[-1])  # the tokens routed to this expert: all real
         if rows is None:
             rows = x.detach().reshape(-1, x.shape[-1])
             if name not in self._unmasked_warned:
@@ -339,9 +348,111 @@ def batch_kwargs(batch: Batch, device: torch.device | str) -> dict[str, Any]:
     raise TypeError(f"a calibration batch must be a dict or a tensor, got {type(batch).__name__}")
 
 
+def fill_sparse_experts(
+    stats: dict[str, InputStats], input_of: dict[str, str], order: list[str], layers: Sequence[str]
+) -> str | None:
+    """Give experts that saw fewer routed tokens than input features (or none) statistics they can be
+    factorized from, in place; returns what was done, for the report, or None.
+
+    An expert's statistics come from exactly the tokens routed to it. Below ``d_in`` tokens its C is
+    singular, so it is topped up to ``d_in`` tokens' worth: the gate/up input (the layer's hidden
+    states, the same space for every expert) with the layer's union of routed tokens (the mean C of
+    that position over all experts, so weighted by routing frequency); the down-projection input
+    (the expert's own intermediate features) with an isotropic C at the expert's own mean energy, i.e.
+    plain SVD in the directions its tokens did not reach (the siblings' mean energy when it saw none).
+    """
+    positions: dict[tuple[str, str], dict[int, list[str]]] = {}
+    for name in layers:
+        if not is_expert_layer(name):
+            continue
+        container, e, leaf = name.rsplit(".", 2)
+        positions.setdefault((container.rsplit(".", 1)[0], _role(leaf)), {}).setdefault(int(e), []).append(name)
+    if not positions:
+        return None
+    topped, unseen = [], []
+    for (_, role), experts in positions.items():
+        seen = [stats[input_of[names[0]]] for names in experts.values() if names[0] in input_of]
+        if not seen:
+            continue
+        pool_c = sum(st.C for st in seen) / max(sum(st.tokens for st in seen), 1)
+        pool_energy = float(torch.diagonal(pool_c).mean())
+        for names in experts.values():
+            d = seen[0].C.shape[0]
+            if names[0] not in input_of:
+                key = names[0]
+                for n in names:
+                    input_of[n] = key
+                stats[key] = InputStats.zeros(d, seen[0].C.device)
+                order.append(key)
+                unseen.append(names[0])
+            st = stats[input_of[names[0]]]
+            if st.tokens >= d:
+                continue
+            need = d - st.tokens
+            if role == "down":
+                energy = float(torch.diagonal(st.C).mean()) / st.tokens if st.tokens else pool_energy
+                st.C += need * energy * torch.eye(d, dtype=st.C.dtype, device=st.C.device)
+            else:
+                st.C += need * pool_c
+            st.borrowed = need
+            if names[0] not in unseen:
+                topped.append(f"{names[0]} ({st.tokens})")
+    if not topped and not unseen:
+        return None
+    parts = []
+    if topped:
+        parts.append(f"{len(topped)} expert input(s) saw fewer routed tokens than features, e.g. {topped[0]}")
+    if unseen:
+        parts.append(f"{len(unseen)} expert(s) got no calibration token, e.g. {unseen[0]}")
+    return (
+        "; ".join(parts) + ": their statistics were topped up to d_in tokens (gate/up: the layer's routed tokens "
+        "pooled over all experts; down: isotropic, i.e. plain SVD where no token reached); more calibration data "
+        "routes more tokens to every expert"
+    )
+
+
+def pool_expert_inputs(calibration: Calibration) -> Calibration:
+    """Merge the gate/up input statistics of all experts of each MoE layer into one (in place), for a
+    bottleneck shared by all of them (``expert_basis="shared"``).
+
+    The pooled C is the sum of the experts' routed-token C: the union of the layer's routed tokens,
+    each counted once per expert it was routed to, so frequently used experts weigh more — the
+    objective of one basis B for all experts, Σ_e ‖(W_e − A_e B) X_e‖², with every X_e replaced by
+    that union (exact when experts see alike inputs; a closed form instead of an alternating fit).
+    Top-ups of sparse experts (:func:`fill_sparse_experts`) only rescale the pooled C.
+    """
+    by_container: dict[str, list[str]] = {}
+    for layer, key in calibration.input_of.items():
+        if is_expert_layer(layer) and _role(layer.rsplit(".", 1)[-1]) == "in":
+            by_container.setdefault(layer.rsplit(".", 2)[0], []).append(key)  # ….experts
+    for container, keys in by_container.items():
+        keys = list(dict.fromkeys(keys))
+        pooled = f"{container}.*"  # the key says it: every expert of ``container`` reads it
+        first = calibration.stats[keys[0]]
+        merged = InputStats(first.C.clone(), first.abs_sum.clone(), first.tokens, first.borrowed)
+        for k in keys[1:]:
+            st = calibration.stats.pop(k)
+            merged.C += st.C
+            merged.abs_sum += st.abs_sum
+            merged.tokens += st.tokens
+            merged.borrowed += st.borrowed
+        del calibration.stats[keys[0]]
+        calibration.stats[pooled] = merged
+        gone = set(keys)
+        for layer, key in calibration.input_of.items():
+            if key in gone:
+                calibration.input_of[layer] = pooled
+        calibration.order = [pooled if k == keys[0] else k for k in calibration.order if k not in gone or k == keys[0]]
+    return calibration
+
+
+def _role(leaf: str) -> str:
+    return "down" if leaf in ("down_proj", "w2") else "in"
+
+
 def warn_few_tokens(result: Calibration) -> None:
     """Warn (and record) when an input saw fewer tokens than features: C is singular there."""
-    d_small = [k for k, st in result.stats.items() if st.tokens < st.C.shape[0]]
+    d_small = [k for k, st in result.stats.items() if st.tokens + st.borrowed < st.C.shape[0]]
     if d_small:
         st = result.stats[d_small[0]]
         msg = (

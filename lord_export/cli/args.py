@@ -28,6 +28,7 @@ from ..config import (
     DEFAULT_CALIBRATION,
     DEFAULT_GROUPING,
     DEFAULT_REFINE,
+    EXPERT_BASES,
     GROUPINGS,
     OUTPUT_WEIGHTINGS,
     REFINE_MODES,
@@ -192,6 +193,7 @@ COMPRESSION_OPTIONS = (
     Option(
         "--grouping", dict(choices=GROUPINGS, default=DEFAULT_GROUPING, help=config_help("grouping")), (), "grouping"
     ),
+    Option("--expert-basis", dict(choices=EXPERT_BASES, default="per-expert", help=config_help("expert_basis"))),
     Option(
         "--no-grouping",
         dict(action="store_const", const="separate", dest="grouping", help="the same as --grouping separate"),
@@ -453,6 +455,7 @@ def config_from_args(args: argparse.Namespace, prefix: str = "") -> LordConfig:
         targets=tuple(get("targets") or ["all"]),
         exclude=tuple(get("exclude") or []),
         grouping=get("grouping") or DEFAULT_GROUPING,
+        expert_basis=get("expert_basis", "per-expert"),
         rank_multiple=get("rank_multiple"),
         force=bool(get("force", False)),
         calibration=get("calibration"),

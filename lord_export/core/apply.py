@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..errors import PlanError
+from .experts import fused_experts, per_expert_copy
 from .modules import LordBottleneck, LordLinear
 from .plan import BOTTLENECKS_ATTR, Group, Plan
 from .targets import is_linear, linear_info
@@ -25,6 +26,7 @@ def apply_plan(model: nn.Module, plan: Plan, *, load_tensors: bool = True, allow
     layers' weights, which the factors replace — a fine-tuned model would silently lose its
     tuning); ``allow_mismatch=True`` skips that check.
     """
+    unfuse_planned_experts(model, plan)
     check_plan_fits(model, plan, need_tensors=load_tensors)
     if not allow_mismatch:
         check_base_model(model, plan, weights=load_tensors)
@@ -32,6 +34,21 @@ def apply_plan(model: nn.Module, plan: Plan, *, load_tensors: bool = True, allow
         apply_group(model, group, plan.tensors if load_tensors else None)
     record_plan(model, plan)
     return model
+
+
+def unfuse_planned_experts(model: nn.Module, plan: Plan) -> list[str]:
+    """Unfuse the fused experts modules (transformers 5) under which ``plan`` factorizes expert layers,
+    so that their per-expert linears exist (see :mod:`lord_export.core.experts`)."""
+    fused = [name for name, _ in fused_experts(model)]
+    planned = [m.name for g in plan.factorized_groups for m in g.members]
+    hit = [f for f in fused if any(n.startswith(f + ".") for n in planned)]
+    replaced = []
+    for name in hit:
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        parent._modules[leaf] = per_expert_copy(parent._modules[leaf])
+        replaced.append(name)
+    return replaced
 
 
 def record_plan(model: nn.Module, plan: Plan) -> None:
@@ -61,9 +78,10 @@ def apply_group(root: nn.Module, group: Group, tensors: Mapping[str, torch.Tenso
     if not hasattr(parent, BOTTLENECKS_ATTR):
         parent.add_module(BOTTLENECKS_ATTR, nn.ModuleDict())
     getattr(parent, BOTTLENECKS_ATTR)[group.key] = bottleneck
-    for m in group.members:
+    for m in group.members:  # a member's own parent: under ``group.parent``, or deeper (experts sharing a basis)
         layer = LordLinear(bottleneck, m.d_out, m.has_bias, device=device, dtype=dtype)
-        parent.add_module(m.name.rsplit(".", 1)[-1], layer)
+        owner, _, leaf = m.name.rpartition(".")
+        (root.get_submodule(owner) if owner else root).add_module(leaf, layer)
     if tensors is None:
         return
     with torch.no_grad():

@@ -45,10 +45,28 @@ class Member:
     row_end: int
 
 
+def common_parent(layers: Sequence[str]) -> str:
+    """The deepest module holding every layer of ``layers`` ('' for the root): their parent when they
+    are siblings (q/k/v), the MoE block when the experts of a layer share one basis."""
+    parents = [n.split(".")[:-1] for n in layers]
+    common = parents[0]
+    for p in parents[1:]:
+        k = 0
+        while k < min(len(common), len(p)) and common[k] == p[k]:
+            k += 1
+        common = common[:k]
+    return ".".join(common)
+
+
+def relative(name: str, parent: str) -> str:
+    """``name`` relative to module ``parent``."""
+    return name[len(parent) + 1 :] if parent else name
+
+
 def group_name(layers: Sequence[str]) -> str:
-    """The name of the group made of ``layers`` (qualified names under one parent): ``parent.{a,b}``."""
-    parent = layers[0].rsplit(".", 1)[0] if "." in layers[0] else ""
-    leaves = ",".join(n.rsplit(".", 1)[-1] for n in layers)
+    """The name of the group made of ``layers``: ``parent.{a,b}`` (names relative to their common parent)."""
+    parent = common_parent(layers)
+    leaves = ",".join(relative(n, parent) for n in layers)
     return f"{parent}.{{{leaves}}}" if parent else f"{{{leaves}}}"
 
 
@@ -73,8 +91,12 @@ class Group:
 
     @property
     def key(self) -> str:
-        """Name of the shared bottleneck module under ``parent``."""
-        return "__".join(m.name.rsplit(".", 1)[-1] for m in self.members)
+        """Name of the shared bottleneck module under ``parent``: the members' names joined, or for
+        members under different modules (experts sharing one basis) ``shared__`` and their leaf names."""
+        names = [relative(m.name, self.parent) for m in self.members]
+        if any("." in n for n in names):
+            return "shared__" + "__".join(dict.fromkeys(n.rsplit(".", 1)[-1] for n in names))
+        return "__".join(names)
 
     @property
     def name(self) -> str:
@@ -164,7 +186,7 @@ def quantization_config_from_plan(plan: Plan) -> dict[str, Any]:
     groups = []
     for g in plan.factorized_groups:
         members = [
-            {"name": m.name.rsplit(".", 1)[-1], "d_out": m.d_out, "bias": m.has_bias, "transposed": m.transposed}
+            {"name": relative(m.name, g.parent), "d_out": m.d_out, "bias": m.has_bias, "transposed": m.transposed}
             for m in g.members
         ]
         groups.append({"parent": g.parent, "rank": g.rank, "d_in": g.d_in, "members": members})

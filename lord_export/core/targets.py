@@ -12,7 +12,12 @@ Patterns (as in PEFT): an exact fully qualified name, a suffix (``q_proj`` match
 * ``attention`` linears under a module named ``attn``/``self_attn``/``attention``/``self_attention``;
 * ``mlp``       linears under ``mlp``/``feed_forward``/``ffn``, and BERT's ``intermediate``/``output``;
 * ``mlp-down``  the MLP's down projection (``down_proj``, ``c_proj``, ``fc2``, ``fc_out``, ``w2``,
-  ``dense_4h_to_h``, BERT's ``output.dense``).
+  ``dense_4h_to_h``, BERT's ``output.dense``);
+* ``experts``   the linears of mixture-of-experts experts (``….experts.<e>.<linear>``; transformers 5's
+  fused experts are unfused first, :mod:`lord_export.core.experts`). Shared experts are ordinary MLPs.
+
+Routers (``gate``/``router``/``shared_expert_gate`` beside an ``experts`` module) choose the experts
+and are never selected by a preset, like the output embedding.
 """
 
 from __future__ import annotations
@@ -25,11 +30,12 @@ import torch
 from torch import nn
 
 from ..errors import TargetError
+from .experts import is_expert_layer, is_router
 
-PRESETS = ("all", "attention", "mlp", "mlp-down")
+PRESETS = ("all", "attention", "mlp", "mlp-down", "experts")
 
 _ATTENTION_PARTS = {"attn", "self_attn", "attention", "self_attention", "crossattention", "cross_attn"}
-_MLP_PARTS = {"mlp", "feed_forward", "ffn", "intermediate", "output"}
+_MLP_PARTS = {"mlp", "feed_forward", "ffn", "intermediate", "output", "block_sparse_moe"}
 _DOWN_NAMES = {"down_proj", "c_proj", "fc2", "fc_out", "w2", "dense_4h_to_h"}
 
 
@@ -112,6 +118,7 @@ def _preset_members(preset: str, names: Iterable[str]) -> list[str]:
         "attention": in_attention,
         "mlp": in_mlp,
         "mlp-down": is_mlp_down,
+        "experts": is_expert_layer,
     }[preset]
     return [n for n in names if test(n)]
 
@@ -128,7 +135,8 @@ def select_targets(model: nn.Module, targets: Sequence[str] = ("all",), exclude:
     Raises TargetError when a pattern matches nothing (listing what exists) or nothing is left.
     """
     linears = find_linears(model)
-    protected = output_embedding_names(model)
+    modules = dict(model.named_modules())
+    protected = output_embedding_names(model) | {n for n in linears if is_router(n, modules)}
     selectable = [n for n in linears if n not in protected]
     chosen: set[str] = set()
     for t in targets:

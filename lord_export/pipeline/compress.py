@@ -22,11 +22,12 @@ from .._version import __version__
 from ..calibration.statistics import Calibration, CalibrationData, calibrate
 from ..config import LordConfig
 from ..core.apply import apply_plan, record_plan
+from ..core.experts import prepare_experts
 from ..core.fingerprint import count_parameters, describe_model
 from ..core.plan import Plan
 from ..core.targets import select_targets
 from ..errors import UsageError
-from .planner import make_plan
+from .planner import make_plan, shared_experts
 from .survey import check_overrides, plan_budget, survey
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ def compress(
             "use compress_model_dir (lord-export compress)"
         )
     device = resolve_device(device if device is not None else model_device(model))
+    _, experts_warning = prepare_experts(model)
     base = describe_model(model)
     params_before = count_parameters(model)
     choice = choose_dtype(device, floating_dtype(model), compute_dtype)
@@ -95,6 +97,8 @@ def compress(
         streamed=streamed,
     )
     plan.report["dtype"] = choice.describe()
+    if experts_warning:
+        plan.warnings.append(experts_warning)
     if budget is not None:
         plan.report["budget"] = budget.report
     return plan
@@ -205,7 +209,7 @@ def _compress_whole_model(
         raise UsageError(f"calibration {config.calibration!r} needs block-by-block processing, but {why}")
     log.warning("calibrating the whole model at once: %s", why)
     layers = select_targets(model, config.targets, config.exclude)
-    calibration = calibrate(model, data, layers, progress=progress)
+    calibration = shared_experts(calibrate(model, data, layers, progress=progress), config)
     plan = make_plan(model, calibration, layers, config, progress=progress, base_model=base)
     apply_plan(model, plan, allow_mismatch=True)  # made from this very model
     plan.warnings.append(f"whole-model calibration: {why}")
@@ -230,6 +234,10 @@ def factorize_settings(
         yield config, work, plan
 
 
+def _shares_calibration(config: LordConfig) -> bool:
+    return config.calibration == "independent" and config.param_ratio is None and config.expert_basis == "per-expert"
+
+
 def compress_settings(
     model: nn.Module,
     batches: list[dict[str, torch.Tensor]],
@@ -244,7 +252,8 @@ def compress_settings(
     rank-independent decomposition (:func:`factorize_settings`); ``sequential`` and
     ``compensating`` settings depend on the ranks chosen before them, so each runs the engine.
     """
-    shared = [c for c in configs if c.calibration == "independent" and c.param_ratio is None]
+    prepare_experts(model)  # transformers 5's fused experts as per-expert linears (same forward)
+    shared = [c for c in configs if _shares_calibration(c)]
     calibration = None
     if shared:
         layers = sorted({n for c in shared for n in select_targets(model, c.targets, c.exclude)})
@@ -252,7 +261,7 @@ def compress_settings(
         independent = factorize_settings(model, calibration, shared)
     surveys: dict = {}
     for config in configs:
-        if config.calibration == "independent" and config.param_ratio is None:
+        if _shares_calibration(config):
             yield next(independent)
             continue
         surveyed = None

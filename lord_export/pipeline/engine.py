@@ -41,7 +41,7 @@ from ..core.targets import select_targets
 from ..device import model_device, statistics_device
 from ..progress import Progress, StageTimes
 from .modes import MODES, BlockWork, kept
-from .planner import KeptFactors, build_groups, closed_form, compress_groups
+from .planner import KeptFactors, build_groups, closed_form, compress_groups, shared_experts
 from .sensitivity import no_cache
 from .streaming import InMemoryWeights, Streams, WeightSource, move_call, replaying
 
@@ -306,7 +306,7 @@ class Engine:
                 for b, batch in enumerate(batches):
                     current["b"] = b
                     self.model(**{k: v.to(embed) for k, v in batch.items()}, **no_cache(self.model))
-        calibration = cal.result()
+        calibration = shared_experts(cal.result(), self.config)
         warn_few_tokens(calibration)
         self._add_warnings(calibration.warnings)
         groups, tensors = compress_groups(

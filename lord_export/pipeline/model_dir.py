@@ -23,6 +23,7 @@ from torch import nn
 
 from ..calibration.data import CalibrationOptions, calibration_set, calibration_size_warning, text_files
 from ..config import LordConfig
+from ..core.experts import prepare_experts
 from ..core.fingerprint import count_parameters, describe_model
 from ..core.plan import QUANT_METHOD, Plan
 from ..core.targets import select_targets
@@ -102,6 +103,7 @@ def compress_model_dir(
     say(f"computing in {choice.describe()['compute_dtype']} ({choice.reason})")
     tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
     model = build_skeleton(model_dir, trust_remote_code)
+    prepare_experts(model)  # per-expert linears, read from per-expert or fused checkpoint keys
     data_options, calib_all, calib_set, held, size_warning = _calibration_data(
         model, model_dir, tokenizer, calib, config, data, trust_remote_code, say
     )

@@ -46,6 +46,7 @@ from .planner import (
     closed_form,
     compress_groups,
     factorize_group_on_compressed,
+    shared_experts,
     truncated,
 )
 from .streaming import Streams, capture_input
@@ -92,7 +93,7 @@ def independent(work: BlockWork) -> tuple[list[Group], dict[str, torch.Tensor]]:
             cal.end_batch()
     if not work.local:
         return [], {}
-    calibration = cal.result()
+    calibration = shared_experts(cal.result(), work.config)
     warn_few_tokens(calibration)
     work.warnings.extend(calibration.warnings)
     with work.times("factorize_s"):

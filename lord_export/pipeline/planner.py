@@ -28,13 +28,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..calibration.statistics import Calibration, InputStats
+from ..calibration.statistics import Calibration, InputStats, pool_expert_inputs
 from ..config import LordConfig
 from ..core import factorize as fz
 from ..core.allocate import GroupCurve
 from ..core.apply import apply_group
+from ..core.experts import is_expert_layer
 from ..core.fingerprint import describe_model
-from ..core.plan import Group, Member, Plan, group_name
+from ..core.plan import Group, Member, Plan, common_parent, group_name
 from ..core.targets import dense_weight, find_linears, linear_info, pattern_matches
 from ..errors import PlanError
 
@@ -62,8 +63,31 @@ def build_groups(layers: list[str], input_of: Mapping[str, str], grouping: bool 
         return [[n] for n in layers]
     groups: dict[tuple[str, str], list[str]] = {}
     for n in layers:
-        groups.setdefault((input_of[n], parent_of(n)), []).append(n)
+        groups.setdefault((input_of[n], group_parent(n, input_of[n])), []).append(n)
     return list(groups.values())
+
+
+def shared_experts(calibration: Calibration, config: LordConfig) -> Calibration:
+    """``calibration`` with the experts' gate/up inputs pooled when ``config.expert_basis`` is "shared"."""
+    return pool_expert_inputs(calibration) if config.expert_basis == "shared" else calibration
+
+
+def group_parent(layer: str, input_key: str) -> str:
+    """Where ``layer``'s group lives: its parent, or the MoE block when it shares its input with
+    another expert's layer (experts sharing one basis, :func:`pool_expert_inputs`)."""
+    parent = parent_of(layer)
+    if is_expert_layer(layer) and input_key.endswith(".*"):
+        return parent_of(parent_of(parent))  # ….mlp.experts.<e> → ….mlp
+    return parent
+
+
+def group_home(names: list[str]) -> str:
+    """The module a group's bottleneck is registered under: the members' common parent, or for experts
+    sharing one basis the MoE block (not the experts list, whose children are the experts)."""
+    home = common_parent(names)
+    if len({parent_of(n) for n in names}) > 1 and all(is_expert_layer(n) for n in names):
+        return parent_of(home) if home.endswith("experts") else home
+    return home
 
 
 def split_by(ranks: Mapping[str, int | None] | None, groups: Iterable[list[str]], prefix: str = "") -> list[list[str]]:
@@ -110,7 +134,7 @@ def describe_group(
         row += info.d_out
     d_out = row
     group = Group(
-        parent=parent_of(names[0]),
+        parent=group_home(names),
         members=members,
         d_in=d_in,
         d_out=d_out,

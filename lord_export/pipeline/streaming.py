@@ -22,6 +22,7 @@ from torch import nn
 
 from ..calibration.blocks import BlockCall, Blocks, run_block, standing_in
 from ..calibration.statistics import select_tokens
+from ..core.experts import checkpoint_candidates, expert_slice, renamed_blocks
 from ..core.fingerprint import weight_fingerprint
 from ..core.targets import find_linears
 from ..errors import CalibrationError
@@ -90,18 +91,18 @@ class CheckpointWeights(WeightSource):
             return name[len(p) :]
         if self.base_prefix and p + name in self.reader:
             return p + name
-        return None
+        return next((n for n in renamed_blocks(name) if n in self.reader), None)
 
     def load_into(self, module: nn.Module, names: dict[str, str], device: torch.device | str) -> list[str]:
         """Assign ``{local name: model name}`` tensors of ``module``; returns model names not in the checkpoint."""
-        state, missing = {}, []
+        state, missing, fused = {}, [], {}
         try:
             for local, full in names.items():
                 ckpt = self.checkpoint_name(full)
-                if ckpt is None:
+                t = self.reader.get(ckpt) if ckpt is not None else self._expert_weight(full, fused)
+                if t is None:
                     missing.append(full)
                     continue
-                t = self.reader.get(ckpt)
                 if full.endswith(".weight") and full[: -len(".weight")] in self.fingerprint:
                     self.fingerprints[full[: -len(".weight")]] = weight_fingerprint(t)  # as stored
                 dtype = self.compute_dtype if self.compute_dtype is not None and t.is_floating_point() else t.dtype
@@ -113,6 +114,20 @@ class CheckpointWeights(WeightSource):
             self.reader.close()
         module.load_state_dict(state, strict=False, assign=True)
         return missing
+
+    def _expert_weight(self, name: str, fused: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """An unfused expert's weight (:mod:`lord_export.core.experts`) from the checkpoint's per-expert
+        keys under another naming, or sliced from its fused 3-D tensor (read once per call: ``fused``)."""
+        for key, half, e in checkpoint_candidates(name):
+            ckpt = self.checkpoint_name(key)
+            if ckpt is None:
+                continue
+            if e is None:
+                return self.reader.get(ckpt)
+            if ckpt not in fused:
+                fused[ckpt] = self.reader.get(ckpt)
+            return expert_slice(fused[ckpt], half, e)
+        return None
 
     def materialize(self, module: nn.Module, prefix: str, device: torch.device) -> None:
         names = {local: f"{prefix}.{local}" for local in module.state_dict()}

@@ -35,7 +35,7 @@ from ..core.targets import pattern_matches, select_targets
 from ..device import model_device
 from ..errors import TargetError, UsageError
 from ..progress import Progress
-from .planner import build_groups, survey_groups
+from .planner import build_groups, shared_experts, survey_groups
 from .sensitivity import (
     SensitivityProbe,
     check_causal_lm,
@@ -97,7 +97,7 @@ def survey(
             else:  # no gradients, and nothing after the last targeted layer
                 with torch.no_grad():
                     cal.run_batch(model, batch_kwargs(batch, device))
-    calibration = cal.result()
+    calibration = shared_experts(cal.result(), config)
     warn_few_tokens(calibration)
     groups = build_groups(layers, calibration.input_of, config.grouping)
     fisher = probe.fisher if probe is not None and config.output_weighting == "fisher" else None
@@ -271,7 +271,7 @@ def _survey_block(
     tensors: dict[str, torch.Tensor] = {}
     meta: dict[str, Any] = {"groups": [], "kept": []}
     if local:
-        calibration = cal.result()
+        calibration = shared_experts(cal.result(), engine.config)
         if keep:
             warn_few_tokens(calibration)
             engine._add_warnings(calibration.warnings)
