@@ -148,7 +148,7 @@ class LordConfig:
     )
     targets: tuple[str, ...] = field(
         default=("all",),
-        metadata={"help": "presets (all, attention, mlp, mlp-down), layer names/suffixes, or 're:<regex>'"},
+        metadata={"help": "presets (all, attention, mlp, mlp-down, experts), layer names/suffixes, or 're:<regex>'"},
     )
     exclude: tuple[str, ...] = field(default=(), metadata={"help": "patterns removed from the targets"})
     grouping: str = field(
