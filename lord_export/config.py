@@ -12,9 +12,11 @@ from .core.factorize import METHODS
 from .errors import UsageError
 
 CALIBRATION_MODES = ("independent", "sequential", "compensating")
-REFINE_MODES = ("none", "block")
-#: The default refinement, chosen from the measurements in benchmarks/RESULTS.md.
-DEFAULT_REFINE = "none"
+REFINE_MODES = ("auto", "none", "block")
+#: The default refinement, chosen from the measurements in benchmarks/RESULTS.md ("Quality per recipe
+#: stage": block refinement took SmolLM2's perplexity increase at a parameter budget to 0.40/0.25/0.23x
+#: the Fisher closed form's at ratios 0.9/0.8/0.7, for ~5x the closed form's time on a CPU).
+DEFAULT_REFINE = "auto"
 OUTPUT_WEIGHTINGS = ("fisher", "none")
 #: shared: one bottleneck per group of layers reading the same input; separate: every layer on its own;
 #: auto: the allocation chooses per group (parameter budgets; shared with a rank reduction).
@@ -197,7 +199,8 @@ class LordConfig:
         metadata={
             "help": "block: after each block's closed form, fit its LoRD parameters so that the block fed the "
             "compressed model's activations reproduces the dense block's output (Adam, early-stopped on held-out "
-            "calibration batches; see lord_export.pipeline.refine); none: the closed form alone"
+            "calibration batches; see lord_export.pipeline.refine); none: the closed form alone; auto: block with "
+            "a parameter budget or a quality target on a model processed block by block (the recipe), else none"
         },
     )
     refine_steps: int = field(default=64, metadata={"help": "at most this many refinement steps per block"})
@@ -255,6 +258,13 @@ class LordConfig:
         if int(self.rank_multiple) < 1:
             raise UsageError(f"rank multiple must be >= 1, got {self.rank_multiple!r}")
         self.rank_multiple = int(self.rank_multiple)
+
+    @property
+    def refines(self) -> bool:
+        """Whether block refinement runs (``refine`` "block", or "auto" with a budget or a quality target)."""
+        if self.refine == "auto":
+            return self.param_ratio is not None or self.max_ppl_increase is not None
+        return self.refine == "block"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

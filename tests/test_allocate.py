@@ -246,7 +246,9 @@ def test_one_pass_budget_equals_survey_then_compression(method, tmp_path):
     from lord_export.pipeline.engine import Engine, find_streamable_blocks
     from lord_export.pipeline.survey import plan_budget, streamed_survey
 
-    config = le.LordConfig(param_ratio=0.8, method=method, overrides={"re:.*\\.1\\.mlp\\.down_proj$": 0.7})
+    config = le.LordConfig(
+        param_ratio=0.8, method=method, overrides={"re:.*\\.1\\.mlp\\.down_proj$": 0.7}, refine="none"
+    )
     dense = tiny_model("llama")
     batches = correlated_batches(n_batches=3, batch=2, seq=24)
     results = {}
@@ -327,7 +329,9 @@ def test_auto_grouping_predicts_no_worse_than_either_fixed_grouping(weighting):
         runs = {}
         for grouping in ("shared", "separate", "auto"):
             model = tiny_model("llama")
-            plan = le.compress(model, batches, param_ratio=ratio, grouping=grouping, output_weighting=weighting)
+            plan = le.compress(
+                model, batches, param_ratio=ratio, grouping=grouping, output_weighting=weighting, refine="none"
+            )
             runs[grouping] = (model, plan)
         loss = {g: plan.report["budget"]["predicted_loss"] for g, (_, plan) in runs.items()}
         # the greedy is exact on hull points; its last, cut-back step leaves each run a different small

@@ -181,9 +181,12 @@ def test_from_a_directory_through_the_cli(arch, basis, moe_dirs, code_corpus, tm
     src, out = moe_dirs(arch), tmp_path / "lord"
     args = ["compress", str(src), str(out), "--calib", str(code_corpus), "--calib-samples", "8"]
     args += ["--calib-seqlen", "48", "--batch-size", "2", "-q", "--param-ratio", "0.85", "--expert-basis", basis]
+    if (arch, basis) != ("mixtral", "per-expert"):
+        args += ["--refine", "none"]  # one run of the whole recipe (block refinement of experts) is enough
     assert cli_main(args) == 0, capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
     assert report["params_after"] <= 0.85 * report["params_before"] + 1
+    assert bool(report["timings"].get("refinement")) == ("--refine" not in args)  # the recipe refines by default
     plan = json.loads((out / "lord_plan.json").read_text())
     experts = [g for g in plan["groups"] if g["factorized"] and ".experts." in g["name"]]
     assert experts  # the allocation spends the budget on experts too
@@ -199,3 +202,20 @@ def test_from_a_directory_through_the_cli(arch, basis, moe_dirs, code_corpus, tm
         torch.testing.assert_close(again(ids).logits, a, rtol=0, atol=1e-5)
     gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert torch.equal(model.generate(ids, **gen), hf.generate(ids, **gen))
+
+
+@pytest.mark.parametrize("arch", MOE)
+def test_a_directory_whose_experts_all_stay_dense_loads(arch, moe_dirs, code_corpus, tmp_path, capsys):
+    """Experts left dense (not targeted, or given no rank by the allocation) are written per expert,
+    like the factorized ones, and every loader reads them back."""
+    from transformers import AutoModelForCausalLM
+
+    src, out = moe_dirs(arch), tmp_path / "lord"
+    args = ["compress", str(src), str(out), "--calib", str(code_corpus), "--calib-samples", "4"]
+    args += ["--calib-seqlen", "48", "--batch-size", "2", "-q", "--rank-reduction", "0.5", "--targets", "attention"]
+    assert cli_main(args) == 0, capsys.readouterr().err
+    ids = torch.randint(3, 200, (1, 10), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        a = le.load(out)(ids).logits
+        b = AutoModelForCausalLM.from_pretrained(out).eval()(ids).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)

@@ -17,13 +17,13 @@ pytestmark = pytest.mark.slow
 
 PATHS = {
     "rank-reduction": ["--rank-reduction", "0.5"],
-    "ratio-fisher": ["--param-ratio", "0.9", "--allocation", "fisher"],
-    "ratio-spectrum": ["--param-ratio", "0.9", "--allocation", "spectrum"],
-    "ratio-uniform": ["--param-ratio", "0.9", "--allocation", "uniform"],
-    "ratio-svdllm-v2": ["--param-ratio", "0.9", "--allocation", "svdllm-v2"],
+    "ratio-fisher": ["--param-ratio", "0.9", "--allocation", "fisher"],  # the default recipe: refined
+    "ratio-spectrum": ["--param-ratio", "0.9", "--allocation", "spectrum", "--refine", "none"],
+    "ratio-uniform": ["--param-ratio", "0.9", "--allocation", "uniform", "--refine", "none"],
+    "ratio-svdllm-v2": ["--param-ratio", "0.9", "--allocation", "svdllm-v2", "--refine", "none"],
     "sequential": ["--rank-reduction", "0.5", "--calibration", "sequential"],
     "compensating": ["--rank-reduction", "0.5", "--calibration", "compensating"],
-    "ratio-compensating": ["--param-ratio", "0.9", "--calibration", "compensating"],
+    "ratio-compensating": ["--param-ratio", "0.9", "--calibration", "compensating", "--refine", "none"],
 }
 
 

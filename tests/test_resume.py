@@ -72,7 +72,7 @@ CASES = {
     "compensating": (le.LordConfig(rank_reduction=0.5, calibration="compensating"), [2]),
     # checkpoints: Fisher forward 1-4, backward 5-8, Fisher done 9, survey 10-13, survey done 14, write 15-18
     "ratio-fisher": (le.LordConfig(param_ratio=0.85), [2, 6, 9, 11, 14, 16]),
-    "ratio-compensating": (le.LordConfig(param_ratio=0.85, calibration="compensating"), [3, 12, 17]),
+    "ratio-compensating": (le.LordConfig(param_ratio=0.85, calibration="compensating", refine="none"), [3, 12, 17]),
 }
 
 

@@ -181,6 +181,8 @@ class CalibrationSet:
     batch_size: int
     paths: list[str]
     separator: str | None
+    #: blocks read after these from the same files for the fine-tune stage (None: none asked)
+    finetune: CalibrationSet | None = None
 
     @property
     def tokens(self) -> int:
@@ -198,6 +200,17 @@ class CalibrationSet:
             "tokens_in_blocks": self.tokens,
         }
 
+    def head(self, n: int) -> tuple[CalibrationSet, CalibrationSet | None]:
+        """(the first ``n`` blocks, the rest or None when nothing is left)."""
+        rows = int(self.input_ids.shape[0])
+        if n >= rows:
+            return self, None
+        return self._rows(slice(0, n)), self._rows(slice(n, rows))
+
+    def _rows(self, rows: slice) -> CalibrationSet:
+        ids, mask = self.input_ids[rows], self.attention_mask[rows]
+        return CalibrationSet(ids, mask, self.seqlen, self.batch_size, self.paths, self.separator)
+
     def split(self, holdout: float) -> tuple[CalibrationSet, CalibrationSet | None]:
         """(the blocks to fit on, the last ``max(1, round(holdout × blocks))`` blocks held out for measuring
         the result: never fitted on). ``holdout`` 0, or a single block, holds nothing out."""
@@ -205,12 +218,7 @@ class CalibrationSet:
         held = 0 if holdout <= 0 or n < 2 else max(1, min(n - 1, round(holdout * n)))
         if not held:
             return self, None
-
-        def part(rows: slice) -> CalibrationSet:
-            ids, mask = self.input_ids[rows], self.attention_mask[rows]
-            return CalibrationSet(ids, mask, self.seqlen, self.batch_size, self.paths, self.separator)
-
-        return part(slice(0, n - held)), part(slice(n - held, n))
+        return self._rows(slice(0, n - held)), self._rows(slice(n - held, n))
 
 
 def calibration_set(

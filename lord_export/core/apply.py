@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..errors import PlanError
-from .experts import fused_experts, per_expert_copy
+from .experts import unfuse_experts
 from .modules import LordBottleneck, LordLinear
 from .plan import BOTTLENECKS_ATTR, Group, Plan
 from .targets import is_linear, linear_info
@@ -24,9 +24,10 @@ def apply_plan(model: nn.Module, plan: Plan, *, load_tensors: bool = True, allow
     fit the model, or when ``model`` is not the dense model the plan was made from (its
     ``base_model`` fingerprint: structure, and with ``load_tensors`` the content of the planned
     layers' weights, which the factors replace — a fine-tuned model would silently lose its
-    tuning); ``allow_mismatch=True`` skips that check.
+    tuning); ``allow_mismatch=True`` skips that check. transformers 5's fused experts are unfused into
+    per-expert linears first (:mod:`lord_export.core.experts`; no output changes), as compressing did.
     """
-    unfuse_planned_experts(model, plan)
+    unfuse_experts(model)  # compressing unfused them all: the plan and the weights name per-expert layers
     check_plan_fits(model, plan, need_tensors=load_tensors)
     if not allow_mismatch:
         check_base_model(model, plan, weights=load_tensors)
@@ -34,21 +35,6 @@ def apply_plan(model: nn.Module, plan: Plan, *, load_tensors: bool = True, allow
         apply_group(model, group, plan.tensors if load_tensors else None)
     record_plan(model, plan)
     return model
-
-
-def unfuse_planned_experts(model: nn.Module, plan: Plan) -> list[str]:
-    """Unfuse the fused experts modules (transformers 5) under which ``plan`` factorizes expert layers,
-    so that their per-expert linears exist (see :mod:`lord_export.core.experts`)."""
-    fused = [name for name, _ in fused_experts(model)]
-    planned = [m.name for g in plan.factorized_groups for m in g.members]
-    hit = [f for f in fused if any(n.startswith(f + ".") for n in planned)]
-    replaced = []
-    for name in hit:
-        parent_name, _, leaf = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        parent._modules[leaf] = per_expert_copy(parent._modules[leaf])
-        replaced.append(name)
-    return replaced
 
 
 def record_plan(model: nn.Module, plan: Plan) -> None:

@@ -119,7 +119,7 @@ def _compress(model, data, config, device, stats_device, progress, surveyed, bas
             raise UsageError("a parameter ratio needs calibration batches, not a callback")
         data = [b if isinstance(b, dict) else {"input_ids": b} for b in data]
         budget = plan_budget(model, data, config, layers, surveyed=surveyed)
-    if budget is not None and config.calibration == "independent" and config.refine == "none":
+    if budget is not None and config.calibration == "independent" and not config.refines:
         # the survey's statistics are the answer
         plan = make_plan(
             model,
@@ -157,7 +157,7 @@ def _compress(model, data, config, device, stats_device, progress, surveyed, bas
             "engine_timings": result.timings,
         }
     streamed = blocks is not None and not (
-        budget is not None and config.calibration == "independent" and config.refine == "none"
+        budget is not None and config.calibration == "independent" and not config.refines
     )
     return plan, streamed, budget
 
@@ -203,7 +203,7 @@ def _compress_whole_model(
     model: nn.Module, data: CalibrationData, config: LordConfig, why: str, progress: bool, base: dict[str, Any]
 ):
     """Calibrate the whole model at once (statistics of every layer in memory together)."""
-    if config.refine != "none":
+    if config.refine == "block":
         raise UsageError(f"block refinement needs a model processed block by block, but {why}")
     if config.calibration != "independent":
         raise UsageError(f"calibration {config.calibration!r} needs block-by-block processing, but {why}")

@@ -164,7 +164,7 @@ class Engine:
         t0 = time.perf_counter()
         inside, outside = self.layers_by_block(blocks)
         fit, two = (kept, False) if spill is not None else MODES[self.config.calibration]
-        refine = self.config.refine == "block"
+        refine = self.config.refines
         two = two or refine
         needs_streams = spill is None or bool(outside) or refine
         with torch.no_grad(), exact_matmuls():
@@ -216,7 +216,7 @@ class Engine:
             work.kept, work.kept_groups = take_kept(spill, i, self.device)
         groups, tensors = fit(work)
         self._add_warnings(work.warnings)
-        if self.config.refine == "block" and any(g.factorized for g in groups):
+        if self.config.refines and any(g.factorized for g in groups):
             self._refine(block, work, blocks.name(i))
         if setup.streams.two:
             s = setup.streams

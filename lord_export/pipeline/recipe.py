@@ -28,6 +28,10 @@ from .heal import HealConfig, heal
 #: The fine-tune stage's recipe (measured on the reference model, benchmarks/RESULTS.md: the factors
 #: trained, the KL to the dense model's logits and its per-block hidden states, no LM term).
 FINETUNE = dict(mode="factors", lr=1e-4, lm_weight=0.0, distill_weight=1.0, hidden_weight=5.0)
+#: Sequences per fine-tune step (2 × 512 tokens by default): the step's cost is the student's forward and
+#: backward plus the teacher's forward, so fewer tokens per step buys more steps on fresh text in the same
+#: time, and keeps the logits of a wide vocabulary (KL terms of tokens × vocab floats) small.
+FINETUNE_ROWS = 2
 #: Models up to this many parameters get the stage report and the sanity check by default (both load
 #: the dense and the compressed model whole).
 MEASURE_UP_TO = 3_000_000_000
@@ -61,6 +65,20 @@ def finetune(
     """The end-to-end stage: ``steps`` AdamW steps of the LoRD factors against the dense ``teacher``."""
     return heal(model, batches, HealConfig(steps=steps, **FINETUNE), distill_model=teacher, device=device,
                 progress=progress)  # fmt: skip
+
+
+def finetune_batches(calib_set: Any) -> tuple[list[dict], str]:
+    """The fine-tune stage's batches of :data:`FINETUNE_ROWS` sequences, and what they are: the fresh
+    blocks read for it after the calibration blocks, or (when the files held no more text) the fitted
+    calibration blocks again, which recovers much less (benchmarks/RESULTS.md, Healing recovery)."""
+    from ..calibration.data import batches
+
+    fresh = getattr(calib_set, "finetune", None)
+    source = fresh if fresh is not None and fresh.tokens else calib_set
+    data = batches(source.input_ids, source.attention_mask, FINETUNE_ROWS)
+    if source is calib_set:
+        return data, f"the {calib_set.tokens:,} fitted calibration tokens again (the files hold no fresh text)"
+    return data, f"{fresh.tokens:,} fresh tokens read after the calibration blocks"
 
 
 def prompts_from(held: Any, n: int, length: int = 24) -> list[list[int]]:

@@ -33,8 +33,6 @@ from ..calibration.blocks import BlockCall, run_block
 from ..core.modules import LordBottleneck, LordLinear
 from ..errors import UsageError
 
-REFINE_MODES = ("none", "block")
-
 
 @dataclass
 class RefineConfig:
