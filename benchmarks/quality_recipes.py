@@ -50,8 +50,8 @@ ROWS = {
     "auto": ["--allocation", "fisher", "--output-weighting", "fisher", "--grouping", "auto", "--refine", "none"],
     "compensating": ["--grouping", "auto", "--calibration", "compensating", "--refine", "none"],
     "refined": ["--grouping", "auto", "--refine", "block"],
-    "finetuned": ["--grouping", "auto", "--refine", "none"],  # + --finetune-steps
-    "default": [],
+    "finetuned": [],  # the default recipe (allocation, closed form, block refinement) + --finetune-steps
+    "default": [],  # since refine=auto: the same as "refined"
 }
 
 
