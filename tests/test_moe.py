@@ -219,3 +219,16 @@ def test_a_directory_whose_experts_all_stay_dense_loads(arch, moe_dirs, code_cor
         a = le.load(out)(ids).logits
         b = AutoModelForCausalLM.from_pretrained(out).eval()(ids).logits
     torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_the_graph_pass_refuses_fused_experts_and_names_the_fallback():
+    from lord_export.core.experts import fused_experts
+
+    dense = tiny_model("qwen3_moe")
+    if next(fused_experts(dense), None) is None:
+        pytest.skip("transformers 4 keeps experts as nn.Linear: nothing fused to refuse")
+    model = copy.deepcopy(dense)
+    plan = le.compress(model, many_batches(), rank_reduction=0.5, targets=("experts",))
+    compiled = torch.compile(dense, backend="lord", options={"plan": plan})
+    with pytest.raises(Exception, match="holds fused .*lord_export.load"):
+        compiled(torch.randint(3, 200, (1, 8)))

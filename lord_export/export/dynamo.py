@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from ..core.experts import is_expert_layer
 from ..core.plan import Plan
 from ..errors import PlanError, UsageError
 from ..passes.factorize_linears import factorize_linears, find_sites
@@ -113,6 +114,7 @@ def rewrite_dynamo_graph(
         return gm, extra
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     real = dict(zip(placeholders, example_inputs, strict=False))
+    _refuse_fused_experts(placeholders, real, plan)
     names = _match_planned(placeholders, plan)
     members = {f"{m.name}.weight": m for g in plan.factorized_groups for m in g.members}
     for node, key in names.items():
@@ -154,6 +156,23 @@ def rewrite_dynamo_graph(
     gm.recompile()
     log.debug("dynamo graph: %d group(s) factorized, %d factor tensor(s) added", n, len(extra))
     return gm, extra
+
+
+def _refuse_fused_experts(placeholders: list[fx.Node], real: dict, plan: Plan) -> None:
+    """PlanError when the plan factorizes MoE experts that this graph holds as transformers 5's fused 3-D
+    weights: the pass rewrites linear layers, and those experts are not (:mod:`lord_export.core.experts`)."""
+    planned = [m.name for g in plan.factorized_groups for m in g.members if is_expert_layer(m.name)]
+    if not planned:
+        return
+    for node in placeholders:
+        name, t = parameter_name(node), real.get(node)
+        if name and name.endswith((".gate_up_proj", ".down_proj")) and isinstance(t, torch.Tensor) and t.dim() == 3:
+            raise PlanError(
+                f"the plan factorizes MoE experts ({planned[0]}, …) that the compiled model holds fused "
+                f"({name} {tuple(t.shape)}): the graph pass rewrites linear layers only. Compile the LoRD model "
+                "itself instead (model = lord_export.load(DIR); torch.compile(model)), or unfuse the dense "
+                "model's experts first (lord_export.core.experts.unfuse_experts(model))"
+            )
 
 
 def _check_naming(gm: fx.GraphModule, placeholders: list[fx.Node], real: dict, plan: Plan) -> None:

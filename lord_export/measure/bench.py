@@ -9,6 +9,7 @@ the two eager models (:mod:`.flops`), and measured/ideal is the figure of merit.
 
 from __future__ import annotations
 
+import copy
 import logging
 import shutil
 import tempfile
@@ -285,11 +286,15 @@ def check_same_base(dense: torch.nn.Module, lord_dir: str | Path, dense_dir: str
     Compares the plan's fingerprint of its base model and every tensor the LoRD directory keeps
     unchanged (embeddings, norms, layers left dense).
     """
+    from ..core.experts import fused_experts, unfuse_experts
     from ..core.fingerprint import fingerprint_mismatch
     from ..errors import PlanError
     from ..persist.checkpoint import CheckpointReader
     from ..persist.io import read_plan
 
+    if next(fused_experts(dense), None) is not None:  # compressing unfused them: compare an unfused copy,
+        dense = copy.deepcopy(dense)  # time the model as users run it (transformers' own experts kernels)
+        unfuse_experts(dense)
     lord_dir = Path(lord_dir)
     plan = read_plan(lord_dir, with_tensors=False)
     where = f"{lord_dir} was not compressed from {dense_dir}"
