@@ -46,7 +46,9 @@ def main():
     from vllm import LLM, SamplingParams
 
     directory, prompts, n, out = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-    llm = LLM(directory, dtype="float32", enforce_eager=True, max_model_len=128, max_num_seqs=4, seed=0)
+    tp = int(sys.argv[5]) if len(sys.argv) > 5 else 1
+    extra = {"tensor_parallel_size": tp, "distributed_executor_backend": "mp"} if tp > 1 else {}
+    llm = LLM(directory, dtype="float32", enforce_eager=True, max_model_len=128, max_num_seqs=4, seed=0, **extra)
     params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     with open(out, "w") as f:
@@ -159,12 +161,12 @@ def _reference(directory: Path) -> list[list[int]]:
     return out
 
 
-def _run_llm(directory: Path, env: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess:
+def _run_llm(directory: Path, env: dict[str, str], tmp_path: Path, tp: int = 1) -> subprocess.CompletedProcess:
     script = tmp_path / "run_llm.py"
     script.write_text(RUNNER)
     out = tmp_path / "tokens.json"
     return subprocess.run(
-        [sys.executable, str(script), str(directory), json.dumps(PROMPTS), str(N_TOKENS), str(out)],
+        [sys.executable, str(script), str(directory), json.dumps(PROMPTS), str(N_TOKENS), str(out), str(tp)],
         env=env,
         cwd=tmp_path,
         capture_output=True,
@@ -173,8 +175,8 @@ def _run_llm(directory: Path, env: dict[str, str], tmp_path: Path) -> subprocess
     )
 
 
-def _tokens(directory: Path, env: dict[str, str], tmp_path: Path) -> list[list[int]]:
-    proc = _run_llm(directory, env, tmp_path)
+def _tokens(directory: Path, env: dict[str, str], tmp_path: Path, tp: int = 1) -> list[list[int]]:
+    proc = _run_llm(directory, env, tmp_path, tp)
     assert proc.returncode == 0, proc.stderr[-6000:]
     return json.loads((tmp_path / "tokens.json").read_text())
 
@@ -197,6 +199,14 @@ def test_llm_mixed_layouts_and_biases(mixed_dir: Path, vllm_env: dict[str, str],
     assert all(len(g["members"]) == 1 for g in groups) and {"k_proj", "gate_proj", "down_proj"} <= names
     assert not names & {"v_proj", "up_proj"} and any(m["bias"] for g in groups for m in g["members"])
     assert _tokens(mixed_dir, vllm_env, tmp_path) == _reference(mixed_dir)
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="tensor parallel 2 on a CPU needs 2 cores (one worker each)")
+def test_tensor_parallel_2_matches_lord_load(mixed_dir: Path, vllm_env: dict[str, str], tmp_path: Path):
+    """Two CPU ranks (gloo): column layers with B replicated and A sharded by rows, row layers with B
+    sharded along d_in and A replicated under the layer's own all-reduce; biases and dense shards too."""
+    env = dict(vllm_env, VLLM_CPU_OMP_THREADS_BIND="0|1")  # one worker per core (vLLM will not guess here)
+    assert _tokens(mixed_dir, env, tmp_path, tp=2) == _reference(mixed_dir)
 
 
 def _free_port() -> int:
