@@ -44,7 +44,7 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_MODEL = Path("/root/.cache/lord-export-models/smollm2-135m")
+DEFAULT_MODEL = Path.home() / ".cache" / "lord-export-models" / "smollm2-135m"  # get-smollm2.sh puts it here
 ENTRY_POINT = "lord_export.integrations.vllm:register"
 
 

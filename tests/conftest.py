@@ -31,3 +31,21 @@ def code_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
         src = stdlib / name
         (d / name.replace("/", "_")).write_text(src.read_text(encoding="utf-8"), encoding="utf-8")
     return d
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory):
+    """A saved tiny model directory (with a tokenizer) per architecture of tests/helpers.py, made once."""
+    made = {}
+
+    def get(arch: str):
+        if arch not in made:
+            d = tmp_path_factory.mktemp(f"dir-{arch}")
+            model = tiny_model(arch)
+            make_tokenizer(d)
+            model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id = 1, 2, 0
+            model.save_pretrained(d)
+            made[arch] = d
+        return made[arch]
+
+    return get

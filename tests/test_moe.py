@@ -18,7 +18,7 @@ from lord_export.cli import main as cli_main
 from lord_export.core.experts import is_expert_layer, prepare_experts
 from lord_export.core.modules import LordBottleneck, LordLinear
 from lord_export.errors import UsageError
-from tests.helpers import MOE, correlated_batches, make_tokenizer, tiny_model
+from tests.helpers import MOE, correlated_batches, tiny_model
 
 TOP_K, EXPERTS = 2, 4
 #: an expert's linears: gate/up/down (transformers 5, and Qwen on 4.x) or w1/w3/w2 (Mixtral on 4.x)
@@ -155,30 +155,13 @@ def test_unrecognized_expert_weights_get_a_warning_with_their_share(caplog):
     assert "1.experts.weight" in caplog.text
 
 
-@pytest.fixture(scope="module")
-def moe_dirs(tmp_path_factory):
-    made = {}
-
-    def get(arch: str):
-        if arch not in made:
-            d = tmp_path_factory.mktemp(f"moe-{arch}")
-            model = tiny_model(arch)
-            make_tokenizer(d)
-            model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id = 1, 2, 0
-            model.save_pretrained(d)
-            made[arch] = d
-        return made[arch]
-
-    return get
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("basis", ["per-expert", "shared"])
 @pytest.mark.parametrize("arch", MOE)
-def test_from_a_directory_through_the_cli(arch, basis, moe_dirs, code_corpus, tmp_path, capsys):
+def test_from_a_directory_through_the_cli(arch, basis, model_dirs, code_corpus, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
-    src, out = moe_dirs(arch), tmp_path / "lord"
+    src, out = model_dirs(arch), tmp_path / "lord"
     args = ["compress", str(src), str(out), "--calib", str(code_corpus), "--calib-samples", "8"]
     args += ["--calib-seqlen", "48", "--batch-size", "2", "-q", "--param-ratio", "0.85", "--expert-basis", basis]
     if (arch, basis) != ("mixtral", "per-expert"):
@@ -205,12 +188,12 @@ def test_from_a_directory_through_the_cli(arch, basis, moe_dirs, code_corpus, tm
 
 
 @pytest.mark.parametrize("arch", MOE)
-def test_a_directory_whose_experts_all_stay_dense_loads(arch, moe_dirs, code_corpus, tmp_path, capsys):
+def test_a_directory_whose_experts_all_stay_dense_loads(arch, model_dirs, code_corpus, tmp_path, capsys):
     """Experts left dense (not targeted, or given no rank by the allocation) are written per expert,
     like the factorized ones, and every loader reads them back."""
     from transformers import AutoModelForCausalLM
 
-    src, out = moe_dirs(arch), tmp_path / "lord"
+    src, out = model_dirs(arch), tmp_path / "lord"
     args = ["compress", str(src), str(out), "--calib", str(code_corpus), "--calib-samples", "4"]
     args += ["--calib-seqlen", "48", "--batch-size", "2", "-q", "--rank-reduction", "0.5", "--targets", "attention"]
     assert cli_main(args) == 0, capsys.readouterr().err

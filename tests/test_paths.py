@@ -11,7 +11,7 @@ import torch
 
 import lord_export as le
 from lord_export.cli import main as cli_main
-from tests.helpers import CAUSAL, MIXED, make_tokenizer, tiny_model
+from tests.helpers import CAUSAL, MIXED, tiny_model
 
 pytestmark = pytest.mark.slow
 
@@ -25,24 +25,6 @@ PATHS = {
     "compensating": ["--rank-reduction", "0.5", "--calibration", "compensating"],
     "ratio-compensating": ["--param-ratio", "0.9", "--calibration", "compensating", "--refine", "none"],
 }
-
-
-@pytest.fixture(scope="session")
-def model_dirs(tmp_path_factory):
-    """A saved tiny model directory (with a tokenizer) per architecture, made once."""
-    made = {}
-
-    def get(arch: str):
-        if arch not in made:
-            d = tmp_path_factory.mktemp(f"dir-{arch}")
-            model = tiny_model(arch)
-            make_tokenizer(d)
-            model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id = 1, 2, 0
-            model.save_pretrained(d)
-            made[arch] = d
-        return made[arch]
-
-    return get
 
 
 @pytest.mark.parametrize("path", list(PATHS))
