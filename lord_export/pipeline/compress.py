@@ -246,7 +246,8 @@ def compress_settings(
     device: str | torch.device | None = None,
     progress: bool = False,
 ) -> Iterator[tuple[LordConfig, nn.Module, Plan]]:
-    """Compressed copies of ``model`` for several settings (sweeps, the demo); ``model`` is not modified.
+    """Compressed copies of ``model`` for several settings (sweeps, the demo); ``model``'s weights are not
+    modified (transformers 5's fused MoE experts are unfused in place first, which changes no output).
 
     ``independent`` settings share one calibration of every layer they target and each group's
     rank-independent decomposition (:func:`factorize_settings`); ``sequential`` and
