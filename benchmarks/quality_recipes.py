@@ -4,7 +4,8 @@ users run it: ``lord-export compress MODEL_DIR OUT --calib … --param-ratio P [
 
     python benchmarks/quality_recipes.py --model smollm2=$(bash ../shared/tools/get-smollm2.sh) \
         [--model reference] [--model stories260k] [--ratios 0.9,0.8,0.7] [--rows uniform,fisher,...] \
-        [--calib-samples 64 --calib-seqlen 512] [--eval-tokens 16384] [--finetune-steps 50] [--json out.json]
+        [--calib-samples 64 --calib-seqlen 512] [--calib-sampling spread|sequential] [--eval-tokens 16384] \
+        [--finetune-steps 50] [--json out.json]
 
 Rows (each a set of ``compress`` flags; the parameter ratio and calibration are the same for all):
 
@@ -23,7 +24,8 @@ reference code model; both on the reference model's standard-library split: cali
 evaluation files), ``stories260k`` (../shared/data; TinyStories: the first stories to calibrate,
 the last 1,000 to evaluate). Every compression holds out the default share of its calibration blocks
 (the report's held-out stage perplexities); the table's perplexity is on the evaluation files.
-Results are merged into ``--json`` by (model, row, ratio), so rows can be measured in several runs.
+Results are merged into ``--json`` by (model, row, ratio, calibration sampling), so rows can be measured
+in several runs.
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ def run_row(model_dir, calib, held, extra, ratio, row, args, tmp) -> dict:
     tmp.mkdir(parents=True, exist_ok=True)
     out = tmp / f"{row}-{ratio}"
     flags = ["--param-ratio", str(ratio), "--calib", *calib, "--calib-samples", str(args.calib_samples)]
-    flags += ["--calib-seqlen", str(args.calib_seqlen), *extra, *ROWS[row]]
+    flags += ["--calib-seqlen", str(args.calib_seqlen), "--calib-sampling", args.calib_sampling, *extra, *ROWS[row]]
     if row == "finetuned":
         flags += ["--finetune-steps", str(args.finetune_steps)]
     seconds, _ = cli("compress", str(model_dir), str(out), *flags, "--overwrite")
@@ -93,6 +95,7 @@ def run_row(model_dir, calib, held, extra, ratio, row, args, tmp) -> dict:
     return {
         "row": row,
         "param_ratio": ratio,
+        "sampling": args.calib_sampling,
         "params_ratio": report["params_ratio"],
         "perplexity": ppl,
         "compress_seconds": round(seconds, 1),
@@ -109,6 +112,11 @@ def evaluate(model_dir, held, extra, args, json_path) -> float:
     return json.loads(json_path.read_text())["perplexity"]
 
 
+def sampling(row: dict) -> str:
+    """How a row's calibration text was chosen (rows measured before ``--calib-sampling`` existed: sequential)."""
+    return row.get("sampling", "sequential")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", action="append", required=True, help="reference, stories260k, or NAME=DIR")
@@ -116,6 +124,7 @@ def main() -> None:
     ap.add_argument("--rows", default="uniform,fisher,weighted,auto,compensating,refined,finetuned,default")
     ap.add_argument("--calib-samples", type=int, default=64)
     ap.add_argument("--calib-seqlen", type=int, default=512)
+    ap.add_argument("--calib-sampling", choices=("spread", "sequential"), default="spread")
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--finetune-steps", type=int, default=50)
     ap.add_argument("--json", default="benchmarks/results/quality_recipes.json")
@@ -143,7 +152,7 @@ def main() -> None:
         table = [
             r
             for r in results["models"].get(name, {}).get("rows", [])
-            if not (r["row"] in rows and r["param_ratio"] in ratios)
+            if not (r["row"] in rows and r["param_ratio"] in ratios and sampling(r) == args.calib_sampling)
         ]
         for ratio in ratios:
             for row in rows:
@@ -158,7 +167,7 @@ def main() -> None:
                     "dense_perplexity": dense,
                     "eval_tokens": args.eval_tokens,
                     "calibration": f"{args.calib_samples} x {args.calib_seqlen} tokens",
-                    "rows": sorted(table, key=lambda r: (-r["param_ratio"], list(ROWS).index(r["row"]))),
+                    "rows": sorted(table, key=lambda r: (sampling(r), -r["param_ratio"], list(ROWS).index(r["row"]))),
                 }
                 Path(args.json).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.json).write_text(json.dumps(results, indent=2))

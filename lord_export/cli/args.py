@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from ..calibration.data import DEFAULT_SAMPLES, DEFAULT_SEQLEN, TOKENS_PER_FEATURE, CalibrationOptions
+from ..calibration.data import DEFAULT_SAMPLES, DEFAULT_SEQLEN, SAMPLINGS, TOKENS_PER_FEATURE, CalibrationOptions
 from ..config import (
     CALIBRATION_MODES,
     DEFAULT_CALIBRATION,
@@ -250,6 +250,16 @@ CALIBRATION_OPTIONS = (
             "whichever is smaller)",
         ),
     ),
+    Option(
+        "--calib-sampling",
+        dict(
+            choices=SAMPLINGS,
+            default="spread",
+            help="which text becomes the blocks: 'spread' (default) takes windows evenly spaced over all the "
+            "files, so a few long files cannot fill the calibration set; 'sequential' takes the first tokens "
+            "of the files in path order",
+        ),
+    ),
     SEPARATOR,
     Option("--batch-size", dict(type=positive_int, default=8, metavar="B", help="sequences per forward pass")),
 )
@@ -330,6 +340,7 @@ def calibration_options(args: argparse.Namespace, prefix: str = "") -> Calibrati
         separator=getattr(args, p + "separator"),
         batch_size=getattr(args, p + "batch_size"),
         holdout=getattr(args, p + "holdout", 0.0),
+        sampling=getattr(args, p + "calib_sampling", "spread"),
     )
 
 

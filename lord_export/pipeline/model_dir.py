@@ -175,20 +175,19 @@ def _calibration_data(model, model_dir, tokenizer, calib, config, data, trust_re
     """(options, all blocks, the blocks to fit on, the held-out blocks or None, the size warning or None):
     the calibration set sized to the model's widest targeted input, split for the held-out slice.
 
-    With ``finetune_steps`` the same files are read further for the fine-tune stage's own blocks
-    (``calib_set.finetune``: fresh text, disjoint from the fitted and the held-out blocks; measured,
-    fine-tuning on fresh text recovers far more than cycling the calibration blocks)."""
+    With ``finetune_steps`` the same files give the fine-tune stage its own blocks (``calib_set.finetune``:
+    text no fitted or held-out block holds; measured, fine-tuning on fresh text recovers far more than
+    cycling the calibration blocks)."""
     from ..persist.hf import max_positions
     from .recipe import FINETUNE_ROWS
 
     widest = _widest_input(model, config)
     data_options = _sized(_with_packing(data, model_dir, trust_remote_code), widest, max_positions(model_dir))
-    fresh_blocks = finetune_steps * FINETUNE_ROWS
-    read = dataclasses.replace(data_options, samples=data_options.samples + fresh_blocks)
-    everything = calibration_set(tokenizer, calib, read, max_positions=max_positions(model_dir))
-    calib_all, fresh = everything.head(data_options.samples)
+    fresh = finetune_steps * FINETUNE_ROWS
+    positions = max_positions(model_dir)
+    calib_all = calibration_set(tokenizer, calib, data_options, max_positions=positions, fresh_samples=fresh)
     calib_set, held = calib_all.split(data_options.holdout)
-    calib_set.finetune = fresh
+    calib_set.finetune, calib_all.finetune = calib_all.finetune, None
     size_warning = calibration_size_warning(calib_set.tokens, widest)
     if size_warning:
         say(f"warning: {size_warning}")

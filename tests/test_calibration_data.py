@@ -1,0 +1,105 @@
+"""Which text becomes calibration blocks: spread over all the files (default) or their first tokens."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import pytest
+import torch
+
+from lord_export.calibration.data import (
+    CalibrationOptions,
+    calibration_set,
+    files_to_read,
+    read_documents,
+    spread_order,
+    tokenize_blocks,
+)
+from lord_export.errors import UsageError
+from lord_export.measure.reference import reference_model_dir
+from lord_export.persist.hf import load_tokenizer
+
+ID = re.compile(r"L(\d\d)(\d{4});")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(reference_model_dir())
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """Eight files of uniquely numbered lines: every complete ``L<file><line>;`` names where it came from."""
+    for f in range(8):
+        lines = [f"x = 'L{f:02d}{i:04d};'" for i in range(300)]
+        (tmp_path / f"f{f}.py").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return tmp_path
+
+
+def ids_in(tokenizer, blocks: torch.Tensor) -> set[tuple[int, int]]:
+    text = "".join(tokenizer.decode(row) for row in blocks)
+    return {(int(f), int(i)) for f, i in ID.findall(text)}
+
+
+def test_spread_blocks_come_from_every_file_and_sequential_from_the_first(tokenizer, corpus):
+    spread = calibration_set(tokenizer, [corpus], CalibrationOptions(samples=8, seqlen=64))
+    first = calibration_set(tokenizer, [corpus], CalibrationOptions(samples=8, seqlen=64, sampling="sequential"))
+    assert spread.input_ids.shape == first.input_ids.shape == (8, 64)
+    assert spread.tokens == first.tokens == 8 * 64
+    assert {f for f, _ in ids_in(tokenizer, spread.input_ids)} == set(range(8))
+    assert {f for f, _ in ids_in(tokenizer, first.input_ids)} == {0}
+    assert spread.describe()["sampling"] == "spread" and first.describe()["sampling"] == "sequential"
+
+
+def test_fine_tune_blocks_hold_other_text_and_leave_the_calibration_blocks_unchanged(tokenizer, corpus):
+    for sampling in ("spread", "sequential"):
+        options = CalibrationOptions(samples=8, seqlen=64, sampling=sampling)
+        alone = calibration_set(tokenizer, [corpus], options)
+        both = calibration_set(tokenizer, [corpus], options, fresh_samples=6)
+        assert alone.finetune is None
+        assert torch.equal(alone.input_ids, both.input_ids)
+        assert both.finetune.input_ids.shape == (6, 64)
+        assert not ids_in(tokenizer, both.input_ids) & ids_in(tokenizer, both.finetune.input_ids)
+
+
+def test_data_smaller_than_asked_gives_every_token_either_way(tokenizer, corpus, caplog):
+    files = [corpus / "f0.py", corpus / "f1.py"]
+    with caplog.at_level(logging.WARNING):
+        spread = calibration_set(tokenizer, files, CalibrationOptions(samples=500, seqlen=64))
+    assert "fewer than the" in caplog.text
+    sequential = tokenize_blocks(tokenizer, read_documents(files), samples=500, seqlen=64)
+    assert torch.equal(spread.input_ids, sequential[0]) and torch.equal(spread.attention_mask, sequential[1])
+    assert calibration_set(tokenizer, files, CalibrationOptions(samples=500, seqlen=64), fresh_samples=4).finetune is None
+
+
+def test_encoder_sequences_are_spread_over_the_documents(tokenizer, corpus):
+    options = CalibrationOptions(samples=8, seqlen=64, packing=False)
+    spread = calibration_set(tokenizer, [corpus], options, fresh_samples=4)
+    assert spread.input_ids.shape == (8, 64) and spread.finetune.input_ids.shape == (4, 64)
+    assert {f for f, _ in ids_in(tokenizer, spread.input_ids)} == set(range(8))
+    assert not ids_in(tokenizer, spread.input_ids) & ids_in(tokenizer, spread.finetune.input_ids)
+
+
+def test_spread_order_and_the_read_budget(tmp_path):
+    for n in (1, 2, 7, 64, 100):
+        order = list(spread_order(n))
+        assert sorted(order) == list(range(n))
+        # every prefix of length k leaves no gap wider than about n / k
+        k = max(1, n // 4)
+        prefix = sorted(order[:k])
+        assert max(b - a for a, b in zip([0, *prefix], [*prefix, n])) <= 2 * n / k + 1
+    files = []
+    for i in range(100):
+        files.append(tmp_path / f"{i:03d}.txt")
+        files[-1].write_text("a" * 100)
+    assert files_to_read(files, 10_000) == files
+    chosen = files_to_read(files, 1_000)
+    assert len(chosen) == 10 and chosen == sorted(chosen)
+    picked = [files.index(f) for f in chosen]
+    assert max(b - a for a, b in zip(picked, picked[1:])) <= 16 and picked[0] == 0 and picked[-1] >= 80
+
+
+def test_unknown_sampling_is_a_clear_error():
+    with pytest.raises(UsageError, match="sampling must be one of spread, sequential"):
+        CalibrationOptions(sampling="random")
