@@ -2,7 +2,7 @@
 
     python examples/from_pretrained_pipeline.py [MODEL_DIR --calib PATH ...]
 
-After ``import lord_export`` (it registers the "lord" quantization method with transformers), a
+After ``import lord_export`` (it registers the "lord_export" quantization method with transformers), a
 LoRD directory loads like any model directory; ``save_pretrained`` writes one back.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 from common import compress_into, model_and_data, parser
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
-import lord_export  # teaches transformers the "lord" quantization method
+import lord_export  # teaches transformers the "lord_export" quantization method
 
 
 def main() -> None:

@@ -70,7 +70,8 @@ def test_data_smaller_than_asked_gives_every_token_either_way(tokenizer, corpus,
     assert "fewer than the" in caplog.text
     sequential = tokenize_blocks(tokenizer, read_documents(files), samples=500, seqlen=64)
     assert torch.equal(spread.input_ids, sequential[0]) and torch.equal(spread.attention_mask, sequential[1])
-    assert calibration_set(tokenizer, files, CalibrationOptions(samples=500, seqlen=64), fresh_samples=4).finetune is None
+    options = CalibrationOptions(samples=500, seqlen=64)
+    assert calibration_set(tokenizer, files, options, fresh_samples=4).finetune is None
 
 
 def test_encoder_sequences_are_spread_over_the_documents(tokenizer, corpus):
@@ -88,7 +89,7 @@ def test_spread_order_and_the_read_budget(tmp_path):
         # every prefix of length k leaves no gap wider than about n / k
         k = max(1, n // 4)
         prefix = sorted(order[:k])
-        assert max(b - a for a, b in zip([0, *prefix], [*prefix, n])) <= 2 * n / k + 1
+        assert max(b - a for a, b in zip([0, *prefix], [*prefix, n], strict=True)) <= 2 * n / k + 1
     files = []
     for i in range(100):
         files.append(tmp_path / f"{i:03d}.txt")
@@ -97,7 +98,8 @@ def test_spread_order_and_the_read_budget(tmp_path):
     chosen = files_to_read(files, 1_000)
     assert len(chosen) == 10 and chosen == sorted(chosen)
     picked = [files.index(f) for f in chosen]
-    assert max(b - a for a, b in zip(picked, picked[1:])) <= 16 and picked[0] == 0 and picked[-1] >= 80
+    assert max(b - a for a, b in zip(picked[:-1], picked[1:], strict=True)) <= 16
+    assert picked[0] == 0 and picked[-1] >= 80
 
 
 def test_unknown_sampling_is_a_clear_error():

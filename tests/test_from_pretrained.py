@@ -187,7 +187,26 @@ def test_without_lord_export_loading_fails_loudly(llama_lord):
     )
     r = _run(code)
     assert r.returncode != 0
-    assert "Unknown quantization type, got lord" in r.stderr
+    assert "Unknown quantization type, got lord_export" in r.stderr  # names the package to install
+
+
+def test_directories_of_lord_export_0_2_still_load(llama_lord, tmp_path):
+    """Directories written before the method was named after the package say ``quant_method: "lord"``:
+    transformers and lord_export.load read them as before, and saving writes the current name."""
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(llama_lord[0], old)
+    config = json.loads((old / "config.json").read_text())
+    config["quantization_config"]["quant_method"] = "lord"
+    (old / "config.json").write_text(json.dumps(config))
+    ids = _ids()
+    want = lord_export.load(llama_lord[0])(ids).logits
+    for loaded in (AutoModelForCausalLM.from_pretrained(old), lord_export.load(old)):
+        torch.testing.assert_close(loaded(ids).logits, want, rtol=0, atol=0)
+    AutoModelForCausalLM.from_pretrained(old).save_pretrained(tmp_path / "resaved")
+    qc = json.loads((tmp_path / "resaved" / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == QUANT_METHOD == "lord_export"
 
 
 def test_save_pretrained_after_an_in_memory_compress_loads_back(tmp_path):
@@ -197,7 +216,7 @@ def test_save_pretrained_after_an_in_memory_compress_loads_back(tmp_path):
     lord_export.compress(model, correlated_batches(), rank_reduction=0.5)
     model.save_pretrained(tmp_path / "saved")
     qc = json.loads((tmp_path / "saved" / "config.json").read_text())["quantization_config"]
-    assert qc["quant_method"] == "lord" and qc["groups"]
+    assert qc["quant_method"] == QUANT_METHOD and qc["groups"]
     ids = torch.tensor([[5, 17, 42, 9]])
     want = model(ids).logits
     for loaded in (AutoModelForCausalLM.from_pretrained(tmp_path / "saved"), lord_export.load(tmp_path / "saved")):

@@ -1,4 +1,4 @@
-"""vLLM serves LoRD directories through the "lord" quantization method (lord_export.integrations.vllm).
+"""vLLM serves LoRD directories through the "lord_export" quantization method (lord_export.integrations.vllm).
 
 Real parts only: a tiny Llama (head_dim 64, which vLLM's CPU attention supports) compressed with
 lord_export, served by vLLM's native LlamaForCausalLM (offline ``LLM`` and the OpenAI-compatible server),
@@ -190,6 +190,24 @@ def test_llm_matches_lord_load(shared_dir: Path, vllm_env: dict[str, str], tmp_p
     assert any(len(g["members"]) == 3 for g in groups) and any(len(g["members"]) == 2 for g in groups)
     assert any(g["members"][0]["name"] == "down_proj" for g in groups)  # a row-parallel LoRD layer too
     assert _tokens(shared_dir, vllm_env, tmp_path) == _reference(shared_dir)
+
+
+def test_directories_of_lord_export_0_2_are_served(shared_dir: Path, vllm_env: dict[str, str], tmp_path: Path):
+    """A directory that still says ``quant_method: "lord"`` (lord_export 0.2) is served the same way."""
+    old = tmp_path / "old"
+    shutil.copytree(shared_dir, old)
+    config = json.loads((old / "config.json").read_text())
+    config["quantization_config"]["quant_method"] = "lord"
+    (old / "config.json").write_text(json.dumps(config))
+    assert _tokens(old, vllm_env, tmp_path) == _reference(shared_dir)
+
+
+def test_served_without_the_plugin_names_lord_export(shared_dir: Path, vllm_env: dict[str, str], tmp_path: Path):
+    """vLLM without lord_export's plugin (here: every plugin switched off) refuses the directory with its
+    own error, which names the method - the package to install - rather than failing on a shape."""
+    proc = _run_llm(shared_dir, {**vllm_env, "VLLM_PLUGINS": "none"}, tmp_path)
+    assert proc.returncode != 0
+    assert "Unknown quantization method: lord_export" in proc.stderr, proc.stderr[-4000:]
 
 
 def test_llm_mixed_layouts_and_biases(mixed_dir: Path, vllm_env: dict[str, str], tmp_path: Path):

@@ -26,8 +26,13 @@ from ..errors import PlanError
 from .factorize import full_rank, parity_rank
 
 PLAN_VERSION = 1
-#: ``quantization_config.quant_method`` of a LoRD directory, and the version of that entry's layout.
-QUANT_METHOD = "lord"
+#: ``quantization_config.quant_method`` of a LoRD directory, and the version of that entry's layout. The
+#: name is the package's, so a tool that cannot read the directory (transformers or vLLM without
+#: lord_export) names what is missing in its "unknown quantization method" error.
+QUANT_METHOD = "lord_export"
+#: Every ``quant_method`` lord_export reads: directories written by lord_export 0.2 and earlier say "lord".
+LEGACY_QUANT_METHOD = "lord"
+QUANT_METHODS = (QUANT_METHOD, LEGACY_QUANT_METHOD)
 FORMAT_VERSION = 1
 BOTTLENECKS_ATTR = "lord_bottlenecks"
 
@@ -202,7 +207,7 @@ def quantization_config_from_plan(plan: Plan) -> dict[str, Any]:
 def plan_from_quantization_config(qc: Any) -> Plan:
     """A tensor-less :class:`Plan` from a ``quantization_config`` (a dict, or an object with ``to_dict``)."""
     d = qc if isinstance(qc, dict) else qc.to_dict()
-    if d.get("quant_method") != QUANT_METHOD:
+    if d.get("quant_method") not in QUANT_METHODS:
         raise PlanError(f"quantization_config has quant_method {d.get('quant_method')!r}, not {QUANT_METHOD!r}")
     if d.get("format_version") != FORMAT_VERSION:
         raise PlanError(

@@ -1,6 +1,6 @@
 """Loading LoRD directories through transformers' ``from_pretrained`` (a registered "quantizer").
 
-A LoRD directory's ``config.json`` carries ``"quantization_config": {"quant_method": "lord", ...}``
+A LoRD directory's ``config.json`` carries ``"quantization_config": {"quant_method": "lord_export", ...}``
 holding the compact structure of the plan (per factorized group: parent module, rank, input
 size, members). transformers looks ``quant_method`` up in its registry of quantization configs
 and quantizers; ``register()`` adds ours, so that after ``import lord_export``::
@@ -40,7 +40,7 @@ import logging
 import threading
 from typing import Any
 
-from ..core.plan import FORMAT_VERSION, QUANT_METHOD, plan_from_quantization_config
+from ..core.plan import FORMAT_VERSION, QUANT_METHOD, QUANT_METHODS, plan_from_quantization_config
 from ..errors import LordError
 
 log = logging.getLogger(__name__)
@@ -172,29 +172,32 @@ def __getattr__(name: str) -> Any:
 
 
 def register() -> None:
-    """Register the "lord" quantization config and quantizer with transformers (idempotent)."""
+    """Register the LoRD quantization config and quantizer with transformers under every name lord_export
+    reads (:data:`~lord_export.core.plan.QUANT_METHODS`; idempotent)."""
     from transformers.quantizers import auto
 
     with _lock:
         config_cls = __getattr__("LordQuantizationConfig")
         quantizer_cls = __getattr__("LordHfQuantizer")
-        for mapping, cls, decorator in (
+        registries = (
             (auto.AUTO_QUANTIZATION_CONFIG_MAPPING, config_cls, getattr(auto, "register_quantization_config", None)),
             (auto.AUTO_QUANTIZER_MAPPING, quantizer_cls, getattr(auto, "register_quantizer", None)),
-        ):
-            present = mapping.get(QUANT_METHOD)
-            if present is cls:
-                continue
-            if present is not None and getattr(present, "__module__", None) != __name__:
-                raise LordError(
-                    f"transformers already has a quantization method {QUANT_METHOD!r} ({present!r}) "
-                    "that is not lord_export's"
-                )
-            mapping.pop(QUANT_METHOD, None)  # ours from an earlier build (e.g. a reloaded module)
-            if decorator is not None:
-                decorator(QUANT_METHOD)(cls)
-            else:  # transformers < 4.50 has no register_* functions; they only add to these mappings
-                mapping[QUANT_METHOD] = cls
+        )
+        for method in QUANT_METHODS:
+            for mapping, cls, decorator in registries:
+                present = mapping.get(method)
+                if present is cls:
+                    continue
+                if present is not None and getattr(present, "__module__", None) != __name__:
+                    raise LordError(
+                        f"transformers already has a quantization method {method!r} ({present!r}) "
+                        "that is not lord_export's"
+                    )
+                mapping.pop(method, None)  # ours from an earlier build (e.g. a reloaded module)
+                if decorator is not None:
+                    decorator(method)(cls)
+                else:  # transformers < 4.50 has no register_* functions; they only add to these mappings
+                    mapping[method] = cls
 
 
 def install_import_hook() -> None:

@@ -1,6 +1,7 @@
-"""Serving LoRD directories with vLLM: a "lord" quantization method for vLLM's own linear layers.
+"""Serving LoRD directories with vLLM: a "lord_export" quantization method for vLLM's own linear layers.
 
-A LoRD directory's ``config.json`` says ``"quantization_config": {"quant_method": "lord", ...}``. vLLM
+A LoRD directory's ``config.json`` says ``"quantization_config": {"quant_method": "lord_export", ...}``
+(``"lord"`` from lord_export 0.2 and earlier; both are registered). vLLM
 looks ``quant_method`` up in its registry of quantization configs; :func:`register` (the
 ``vllm.general_plugins`` entry point ``lord = lord_export.integrations.vllm:register``, which vLLM calls in
 every process it starts: front end, engine core, each tensor-parallel worker) adds ours. Then vLLM's
@@ -75,7 +76,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..core.plan import BOTTLENECKS_ATTR, QUANT_METHOD, plan_from_quantization_config, relative
+from ..core.plan import BOTTLENECKS_ATTR, LEGACY_QUANT_METHOD, QUANT_METHOD, plan_from_quantization_config, relative
 from ..errors import PlanError
 
 log = logging.getLogger(__name__)
@@ -510,9 +511,20 @@ def _build_classes() -> dict[str, type]:  # noqa: C901 (the two class bodies tha
                 regex[pattern] = rf"\g<1>{target}.lord_b_{j}"
             return QuantizationConfig.get_checkpoint_weight_mapper() | WeightsMapper(orig_to_new_regex=regex)
 
-    LordLinearMethod.__name__ = LordLinearMethod.__qualname__ = "LordLinearMethod"
-    LordVllmConfig.__name__ = LordVllmConfig.__qualname__ = "LordVllmConfig"
-    return {"LordLinearMethod": LordLinearMethod, "LordVllmConfig": LordVllmConfig}
+    class LordVllmLegacyConfig(LordVllmConfig):
+        """The same method under the name lord_export 0.2 wrote (vLLM matches it to ``quant_method``)."""
+
+        def get_name(self) -> str:
+            return LEGACY_QUANT_METHOD
+
+    out = {
+        "LordLinearMethod": LordLinearMethod,
+        "LordVllmConfig": LordVllmConfig,
+        "LordVllmLegacyConfig": LordVllmLegacyConfig,
+    }
+    for name, cls in out.items():  # picklable: found again as lord_export.integrations.vllm.<name>
+        cls.__name__ = cls.__qualname__ = name
+    return out
 
 
 def _dummy_load_format() -> bool:
@@ -537,13 +549,13 @@ def vllm_classes() -> dict[str, type]:
 def __getattr__(name: str) -> type:
     """``LordVllmConfig`` and ``LordLinearMethod`` as module attributes (built on first use): vLLM pickles
     the config into its engine processes, and pickle finds classes by module and name."""
-    if name in ("LordVllmConfig", "LordLinearMethod"):
+    if name in ("LordVllmConfig", "LordVllmLegacyConfig", "LordLinearMethod"):
         return vllm_classes()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def register() -> None:
-    """Register the "lord" quantization method with vLLM (idempotent).
+    """Register the LoRD quantization method with vLLM under every name lord_export reads (idempotent).
 
     The ``vllm.general_plugins`` entry point: vLLM calls it in every process it starts. Registering only
     adds a name to vLLM's registry, so dense models and other quantization methods are unaffected. If
@@ -555,14 +567,16 @@ def register() -> None:
     try:
         from vllm.model_executor.layers.quantization import register_quantization_config
 
-        register_quantization_config(QUANT_METHOD)(vllm_classes()["LordVllmConfig"])
+        classes = vllm_classes()
+        register_quantization_config(QUANT_METHOD)(classes["LordVllmConfig"])
+        register_quantization_config(LEGACY_QUANT_METHOD)(classes["LordVllmLegacyConfig"])
     except (
         ImportError,
         AttributeError,
         TypeError,
         ValueError,
     ) as e:  # an incompatible vLLM must not stop dense serving
-        log.warning("lord_export: could not register the 'lord' quantization method with vLLM: %r", e)
+        log.warning("lord_export: could not register the %r quantization method with vLLM: %r", QUANT_METHOD, e)
         return
     with _lock:
         _registered = True

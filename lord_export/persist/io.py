@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..core.apply import apply_plan
-from ..core.plan import QUANT_METHOD, Plan, plan_from_quantization_config, quantization_config_from_plan
+from ..core.plan import QUANT_METHODS, Plan, plan_from_quantization_config, quantization_config_from_plan
 from ..errors import ForeignOutputError, OutputExistsError, PlanError, UsageError
 from .checkpoint import (  # noqa: F401 (re-export)
     DEFAULT_MAX_SHARD_BYTES,
@@ -205,7 +205,7 @@ def plan_from_model_dir(path: str | Path) -> Plan | None:
     if not cfg_file.is_file():
         return None
     qc = json.loads(cfg_file.read_text()).get("quantization_config")
-    if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
+    if not isinstance(qc, dict) or qc.get("quant_method") not in QUANT_METHODS:
         return None
     return plan_from_quantization_config(qc)
 

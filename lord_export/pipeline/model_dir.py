@@ -26,7 +26,7 @@ from ..calibration.data import CalibrationOptions, calibration_set, calibration_
 from ..config import LordConfig
 from ..core.experts import prepare_experts
 from ..core.fingerprint import count_parameters, describe_model
-from ..core.plan import QUANT_METHOD, Plan
+from ..core.plan import QUANT_METHODS, Plan
 from ..core.targets import select_targets
 from ..errors import UsageError
 from .compress import build_report, compress
@@ -45,7 +45,7 @@ def check_dense_model_dir(model_dir: Path) -> None:
 
     config = json.loads((model_dir / "config.json").read_text())
     qc = config.get("quantization_config")
-    if (model_dir / PLAN_FILE).is_file() or (isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD):
+    if (model_dir / PLAN_FILE).is_file() or (isinstance(qc, dict) and qc.get("quant_method") in QUANT_METHODS):
         raise UsageError(
             f"{str(model_dir)!r} is already a LoRD model (it holds a LoRD plan); compress the dense model it came "
             "from instead"
