@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 
@@ -19,6 +20,7 @@ from lord_export.calibration.data import (
 from lord_export.errors import UsageError
 from lord_export.measure.reference import reference_model_dir
 from lord_export.persist.hf import load_tokenizer
+from tests.cli_runner import run_cli
 
 ID = re.compile(r"L(\d\d)(\d{4});")
 
@@ -105,3 +107,14 @@ def test_spread_order_and_the_read_budget(tmp_path):
 def test_unknown_sampling_is_a_clear_error():
     with pytest.raises(UsageError, match="sampling must be one of spread, sequential"):
         CalibrationOptions(sampling="random")
+
+
+def test_cli_sampling_choice_and_a_bad_one(tiny_llama_dir, code_corpus, tmp_path):
+    args = ["--calib", str(code_corpus), "--rank-reduction", "0.5", "--calib-samples", "4", "--calib-seqlen", "32"]
+    bad = run_cli("compress", str(tiny_llama_dir), str(tmp_path / "bad"), *args, "--calib-sampling", "random")
+    assert bad.returncode == 2 and "--calib-sampling" in bad.stderr and "invalid choice" in bad.stderr
+    assert not (tmp_path / "bad").exists()
+    out = tmp_path / "sequential"
+    proc = run_cli("compress", str(tiny_llama_dir), str(out), *args, "--calib-sampling", "sequential", "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "report.json").read_text())["calibration"]["sampling"] == "sequential"
