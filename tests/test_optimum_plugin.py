@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import lord_export as le
-from lord_export.calibration.data import batches, read_documents, tokenize_blocks
+from lord_export.calibration.data import CalibrationOptions, calibration_set
 from lord_export.export.onnx import matmul_census
 from lord_export.persist.hf import load_dense, load_tokenizer
 from tests.helpers import STORIES_MODEL, STORIES_TEXT, make_tokenizer, needs_shared_data, tiny_model
@@ -56,8 +56,10 @@ def models(tmp_path_factory):
 def python_lord(model_dir: Path, calib: Path, rank_reduction: float, samples: int, seqlen: int):
     """The LoRD PyTorch model the flags describe, built through the Python API."""
     model = load_dense(model_dir)
-    ids, mask = tokenize_blocks(load_tokenizer(model_dir), read_documents([calib]), samples=samples, seqlen=seqlen)
-    plan = le.compress(model, batches(ids, mask, 8), rank_reduction=rank_reduction)
+    options = CalibrationOptions(samples=samples, seqlen=seqlen)  # the CLI's defaults: spread sampling
+    plan = le.compress(
+        model, calibration_set(load_tokenizer(model_dir), [calib], options).batches(), rank_reduction=rank_reduction
+    )
     return model, plan
 
 
@@ -259,8 +261,8 @@ def test_stories260k_perplexity_through_optimum(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     tok = load_tokenizer(STORIES_MODEL)
     model = load_dense(STORIES_MODEL)
-    ids, mask = tokenize_blocks(tok, read_documents([calib], "<|endoftext|>"), samples=64, seqlen=256)
-    le.compress(model, batches(ids, mask, 8), rank_reduction=0.2)
+    options = CalibrationOptions(samples=64, seqlen=256, separator="<|endoftext|>")
+    le.compress(model, calibration_set(tok, [calib], options).batches(), rank_reduction=0.2)
     windows = document_windows(tok, docs[-100:], 512)
     torch_ppl = perplexity(model, windows, batch_size=16)
     ort = ORTModelForCausalLM.from_pretrained(out)
