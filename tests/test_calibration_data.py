@@ -40,7 +40,7 @@ def corpus(tmp_path):
 
 
 def ids_in(tokenizer, blocks: torch.Tensor) -> set[tuple[int, int]]:
-    text = "".join(tokenizer.decode(row) for row in blocks)
+    text = " ".join(tokenizer.decode(row, skip_special_tokens=True).replace(" ", "") for row in blocks)
     return {(int(f), int(i)) for f, i in ID.findall(text)}
 
 
@@ -76,10 +76,36 @@ def test_data_smaller_than_asked_gives_every_token_either_way(tokenizer, corpus,
     assert calibration_set(tokenizer, files, options, fresh_samples=4).finetune is None
 
 
-def test_encoder_sequences_are_spread_over_the_documents(tokenizer, corpus):
+@pytest.fixture(scope="module")
+def bert_tokenizer(tmp_path_factory):
+    """A BERT-style fast tokenizer (WordPiece, [CLS] text [SEP]) saved and loaded like a model's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece()
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+    text = [f"x = 'L{f:02d}{i:04d};'" for f in range(8) for i in range(300)]
+    tok.train_from_iterator(text, trainers.WordPieceTrainer(vocab_size=400, special_tokens=special))
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
+    d = tmp_path_factory.mktemp("bert-tokenizer")
+    kw = dict(unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]")
+    PreTrainedTokenizerFast(tokenizer_object=tok, **kw).save_pretrained(d)
+    return AutoTokenizer.from_pretrained(d), cls, sep
+
+
+def test_encoder_sequences_are_spread_over_the_documents(bert_tokenizer, corpus):
+    tokenizer, cls, sep = bert_tokenizer
     options = CalibrationOptions(samples=8, seqlen=64, packing=False)
     spread = calibration_set(tokenizer, [corpus], options, fresh_samples=4)
     assert spread.input_ids.shape == (8, 64) and spread.finetune.input_ids.shape == (4, 64)
+    for row, mask in zip(spread.input_ids, spread.attention_mask, strict=True):  # [CLS] … [SEP] per sequence
+        n = int(mask.sum())
+        assert row[0] == cls and row[n - 1] == sep and sep not in row[1 : n - 1]
     assert {f for f, _ in ids_in(tokenizer, spread.input_ids)} == set(range(8))
     assert not ids_in(tokenizer, spread.input_ids) & ids_in(tokenizer, spread.finetune.input_ids)
 

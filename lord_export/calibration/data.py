@@ -390,17 +390,29 @@ def document_rows(tokenizer: Any, documents: Iterable[str], seqlen: int, *, limi
     cut into several), at most ``limit`` of them (None: all)."""
     if (limit is not None and limit < 1) or seqlen < 3:
         raise UsageError(f"need at least 1 sample of at least 3 tokens, got {limit} × {seqlen}")
-    body = seqlen - tokenizer.num_special_tokens_to_add(pair=False)
+    prefix, suffix = special_tokens_around(tokenizer)
+    body = seqlen - len(prefix) - len(suffix)
     rows: list[list[int]] = []
     for doc in documents:
         ids = tokenizer(doc, add_special_tokens=False)["input_ids"]
         for i in range(0, len(ids), body):
-            rows.append(tokenizer.build_inputs_with_special_tokens(ids[i : i + body]))
+            rows.append(prefix + list(ids[i : i + body]) + suffix)
             if len(rows) == limit:
                 return rows
     if not rows:
         raise UsageError("the calibration data tokenized to no tokens")
     return rows
+
+
+def special_tokens_around(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer puts before and after a single sequence (BERT: [CLS] and [SEP]), read off
+    what it does to a probe text (transformers 5's fast tokenizers have no build_inputs_with_special_tokens)."""
+    plain = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+    full = list(tokenizer("a", add_special_tokens=True)["input_ids"])
+    for i in range(len(full) - len(plain) + 1):
+        if plain and full[i : i + len(plain)] == plain:
+            return full[:i], full[i + len(plain) :]
+    return [], []
 
 
 def _rows_to_tensors(tokenizer: Any, rows: Sequence[Sequence[int]], seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
