@@ -235,6 +235,17 @@ def test_sensitivity_pass_takes_whole_batches_up_to_its_token_count():
     assert sensitivity_batch_count(batches, 100, share=0.1) == 1  # 24 tokens: one whole batch
 
 
+def test_sensitivity_batches_are_spread_over_the_calibration_set():
+    """Calibration blocks are packed in corpus order: the Fisher pass must not read only the first files."""
+    from lord_export.pipeline.survey import sensitivity_batches
+
+    batches = correlated_batches(n_batches=7, batch=2, seq=24)  # 48 tokens each
+    assert sensitivity_batches(batches, 48, share=1.0) == [3]  # one batch: the middle one
+    assert sensitivity_batches(batches, 96, share=1.0) == [1, 5]
+    assert sensitivity_batches(batches, 10_000, share=1.0) == list(range(7))
+    assert sensitivity_batches(batches[:1], 10_000) == [0]
+
+
 @pytest.mark.parametrize("method", ["lord", "asvd"])
 def test_one_pass_budget_equals_survey_then_compression(method, tmp_path):
     """With independent calibration the streamed survey keeps every group's factors at the largest

@@ -13,12 +13,12 @@ averaged over real (unpadded) tokens: each token's error relative to its own out
 sees each token through a norm (RMSNorm / LayerNorm divide by the token's scale), so that is the error
 it inherits; a sum over tokens would instead be ruled by the few tokens with massive activations (in
 SmolLM2's middle blocks the first token of a sequence holds 86-98% of the output's squared norm, and
-refining on the summed error barely moved those blocks). Adam from the closed form, in float32 (factors stored in bfloat16
-get float32 master copies for the length of the fit), one calibration batch per step. The last
-batches of the calibration set are held out (never trained on); the held-out error is measured before
-the first step and every few steps, and the parameters with the lowest held-out error are kept - the
-closed form included, so refinement never makes the block worse on held-out tokens. Memory is one
-block plus the two streams the engine keeps anyway.
+refining on the summed error barely moved those blocks). Adam from the closed form, in float32
+(factors stored in bfloat16 get float32 master copies for the length of the fit), one calibration
+batch per step. The last batches of the calibration set are held out (never trained on); the
+held-out error is measured before the first step and every few steps, and the parameters with the
+lowest held-out error are kept - the closed form included, so refinement never makes the block worse
+on held-out tokens. Memory is one block plus the two streams the engine keeps anyway.
 """
 
 from __future__ import annotations

@@ -23,8 +23,9 @@ from ..errors import UsageError
 from ..progress import Progress
 from .streaming import Streams, WeightSource, replaying
 
-#: Tokens the Fisher sensitivity pass uses: the first calibration batches up to at least this many
-#: (whole batches, at least one), and at most :data:`SENSITIVITY_SHARE` of all calibration tokens.
+#: Tokens the Fisher sensitivity pass uses: calibration batches up to at least this many (whole
+#: batches, at least one, evenly spaced over the set: :func:`sensitivity_batches`), and at most
+#: :data:`SENSITIVITY_SHARE` of all calibration tokens.
 #: Its backward costs about two calibration forwards per token, and per-group means of squared
 #: gradients settle on a few thousand tokens; the share keeps the pass small next to a small
 #: calibration set (SmolLM2's 4,096 tokens: the backward over all of them added 63%).
@@ -45,6 +46,17 @@ def sensitivity_batch_count(
         if tokens >= target:
             return i + 1
     return len(batches)
+
+
+def sensitivity_batches(
+    batches: Sequence[dict[str, torch.Tensor]], max_tokens: int = SENSITIVITY_TOKENS, share: float = SENSITIVITY_SHARE
+) -> list[int]:
+    """Which batches the Fisher pass uses: :func:`sensitivity_batch_count` of them, evenly spaced over
+    the calibration set (centred). Calibration blocks are packed in corpus order, so the leading
+    batches would all come from the first files."""
+    n = len(batches)
+    k = sensitivity_batch_count(batches, max_tokens, share)
+    return [min(n - 1, int((j + 0.5) * n / k)) for j in range(k)]
 
 
 def check_causal_lm(model: nn.Module) -> None:
@@ -175,14 +187,14 @@ class SensitivityProbe:
 def fisher_sensitivities(
     model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], groups: dict[str, list[str]]
 ) -> dict[str, float]:
-    """s_g per group (``groups``: name → member layers) on the first calibration batches holding
-    :data:`SENSITIVITY_TOKENS` tokens (:class:`SensitivityProbe`)."""
+    """s_g per group (``groups``: name → member layers) on the calibration batches of
+    :func:`sensitivity_batches` (:class:`SensitivityProbe`)."""
     probe = SensitivityProbe(model, [m for members in groups.values() for m in members])
     was_training = model.training
     try:
         model.eval()
-        for batch in batches[: sensitivity_batch_count(batches)]:
-            probe.run(batch)
+        for b in sensitivity_batches(batches):
+            probe.run(batches[b])
     finally:
         model.train(was_training)
     return probe.sensitivities(groups)
@@ -192,14 +204,14 @@ def streamed_fisher(
     engine: Any,
     blocks: Blocks,
     setup: Any,
-    n: int,
+    probe: Sequence[int],
     batches: Sequence[dict[str, torch.Tensor]],
     layers: dict[int, list[str]],
     *,
     checkpoints: Any = None,
 ) -> OutputFisher:
     """The :class:`OutputFisher` of every targeted layer (block i's: ``layers[i]``, relative names) from the
-    first ``n`` calibration batches, one block in memory: their hidden states are run forward through the
+    calibration batches numbered ``probe``, one block in memory: their hidden states are run forward through the
     blocks (each block's inputs kept), the LM loss is taken on the final hidden states (the model's own
     head, its blocks replaced by a replay) and its gradient is carried back block by block - each block
     loaded again, recomputed from its kept input, backpropagated. With ``checkpoints`` each block's
@@ -208,10 +220,11 @@ def streamed_fisher(
     s = setup.streams
     if state.get("done"):
         return OutputFisher(checkpoints.load_tensors("ckpt-fisher"), state["tokens"])
-    tokens = sum(int(c.mask.sum()) if c.mask is not None else s.dense[b].shape[:2].numel()
-                 for b, c in enumerate(setup.calls[0][:n]))  # fmt: skip
+    n = len(probe)
+    tokens = sum(int(setup.calls[0][b].mask.sum()) if setup.calls[0][b].mask is not None
+                 else s.dense[b].shape[:2].numel() for b in probe)  # fmt: skip
     inputs = _FisherInputs(checkpoints)
-    hidden = list(s.dense[:n])
+    hidden = [s.dense[b] for b in probe]
     start = state.get("forward_done", 0)
     if start:
         saved = checkpoints.load_tensors("ckpt-fisher-hidden")
@@ -221,7 +234,8 @@ def streamed_fisher(
         for i in range(start, len(blocks)):
             inputs.keep(i, hidden)
             block = engine.materialize(blocks, i)
-            hidden = [s.park(run_block(block, s.load(h), setup.calls[i][b])) for b, h in enumerate(hidden)]
+            pairs = zip(probe, hidden, strict=True)
+            hidden = [s.park(run_block(block, s.load(h), setup.calls[i][b])) for b, h in pairs]
             engine.source.release(block)
             if checkpoints is not None:
                 ckpt = {"ckpt-fisher-hidden": {str(b): h for b, h in enumerate(hidden)}}
@@ -233,11 +247,21 @@ def streamed_fisher(
         grads, top = [s.park(saved[str(b)]) for b in range(n)], state["backward_next"]
     else:
         fisher, top = OutputFisher(tokens=tokens), len(blocks) - 1
-        grads = head_gradients(engine.model, blocks, _Hidden(s, hidden), n, batches, setup.template)
+        probe_batches = [batches[b] for b in probe]
+        grads = head_gradients(engine.model, blocks, _Hidden(s, hidden), n, probe_batches, setup.template)
     progress = Progress(engine.say, "sensitivities (backward)", top + 1, unit="block")
     for i in reversed(range(top + 1)):
         grads = block_gradients(
-            blocks, i, engine.source, engine.device, s, inputs.get(i), grads, setup.calls[i], layers[i], fisher
+            blocks,
+            i,
+            engine.source,
+            engine.device,
+            s,
+            inputs.get(i),
+            grads,
+            [setup.calls[i][b] for b in probe],
+            layers[i],
+            fisher,
         )
         if checkpoints is not None:
             ckpt = {"ckpt-grads": {str(b): g for b, g in enumerate(grads)}, "ckpt-fisher": fisher.tensors()}

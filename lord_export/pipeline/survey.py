@@ -41,7 +41,8 @@ from .sensitivity import (
     check_causal_lm,
     fisher_sensitivities,  # noqa: F401 (part of this module's API since 0.1)
     lm_loss_sum,  # noqa: F401
-    sensitivity_batch_count,
+    sensitivity_batch_count,  # noqa: F401 (part of this module's API since 0.2)
+    sensitivity_batches,
     streamed_fisher,
 )
 
@@ -84,13 +85,13 @@ def survey(
     t0 = time.perf_counter()
     check_overrides(config, layers)
     probe = SensitivityProbe(model, layers) if config.allocation == "fisher" else None
-    probe_batches = sensitivity_batch_count(batches) if probe is not None else 0
+    probe_batches = set(sensitivity_batches(batches)) if probe is not None else set()
     probe_s = 0.0
 
     device = model_device(model)
     with calibrating(model, layers) as cal:
         for i, batch in enumerate(batches):
-            if i < probe_batches:  # the whole model, with gradients: its forward calibrates too
+            if i in probe_batches:  # the whole model, with gradients: its forward calibrates too
                 t = time.perf_counter()
                 probe.run(batch)
                 probe_s += time.perf_counter() - t
@@ -156,9 +157,9 @@ def streamed_survey(
         setup = engine.begin(batches, blocks, two=False)
         fisher = None
         if use_fisher:
-            n = min(sensitivity_batch_count(batches), len(setup.streams))
+            probe = [b for b in sensitivity_batches(batches) if b < len(setup.streams.dense)]
             with engine.times("sensitivity_s"):
-                fisher = streamed_fisher(engine, blocks, setup, n, batches, inside, checkpoints=checkpoints)
+                fisher = streamed_fisher(engine, blocks, setup, probe, batches, inside, checkpoints=checkpoints)
         weights = fisher if fisher is not None and config.output_weighting == "fisher" else None
         if saved and saved.get("done"):
             engine.say("the survey was done before the interruption: resuming after it")
