@@ -235,8 +235,12 @@ class Engine:
 
         s = work.streams
         config = RefineConfig(steps=self.config.refine_steps, lr=self.config.refine_lr)
+        weights = self.fisher.weights([name]) if self.fisher is not None else None
         with self.times("refine_s"):
-            report = refine_block(block, work.calls, s.comp, s.dense, config, load=s.load)
+            report = refine_block(
+                block, work.calls, s.comp, s.dense, config, load=s.load,
+                feature_weights=weights.square() if weights is not None else None,
+            )  # fmt: skip
         if report is not None:
             self.refinements.append({"block": name, **report})
 

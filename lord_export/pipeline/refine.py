@@ -13,12 +13,17 @@ averaged over real (unpadded) tokens: each token's error relative to its own out
 sees each token through a norm (RMSNorm / LayerNorm divide by the token's scale), so that is the error
 it inherits; a sum over tokens would instead be ruled by the few tokens with massive activations (in
 SmolLM2's middle blocks the first token of a sequence holds 86-98% of the output's squared norm, and
-refining on the summed error barely moved those blocks). Adam from the closed form, in float32
-(factors stored in bfloat16 get float32 master copies for the length of the fit), one calibration
-batch per step. The last batches of the calibration set are held out (never trained on); the
-held-out error is measured before the first step and every few steps, and the parameters with the
-lowest held-out error are kept - the closed form included, so refinement never makes the block worse
-on held-out tokens. Memory is one block plus the two streams the engine keeps anyway.
+refining on the summed error barely moved those blocks). With the Fisher output weighting the
+squared error of each output feature j is weighted by w_j = F_j / mean(F) (+ a floor), F_j the
+empirical Fisher of the LM loss at the block's output (measured by the survey): ½ δyᵀ F δy, the
+loss's second-order change, with F diagonal - the errors the loss does not react to cost little.
+
+Adam from the closed form, in float32 (factors stored in bfloat16 get float32 master copies for the
+length of the fit), one calibration batch per step. The last batches of the calibration set are
+held out (never trained on); the held-out error is measured before the first step and every few
+steps, and the parameters with the lowest held-out error are kept - the closed form included, so
+refinement never makes the block worse on held-out tokens. Memory is one block plus the two streams
+the engine keeps anyway.
 """
 
 from __future__ import annotations
@@ -91,10 +96,12 @@ def refine_block(
     config: RefineConfig,
     *,
     load: Any = lambda t: t,
+    feature_weights: torch.Tensor | None = None,
 ) -> dict[str, Any] | None:
     """Refine ``block``'s LoRD parameters in place (module docstring); returns what happened (None for a
     block without LoRD layers). ``inputs``: the compressed-path inputs per batch; ``targets``: the dense
-    block's outputs per batch; ``load`` brings a parked tensor to the compute device."""
+    block's outputs per batch; ``load`` brings a parked tensor to the compute device;
+    ``feature_weights``: the error weight of each output feature (None: all 1)."""
     params = lord_parameters(block)
     if not params:
         return None
@@ -103,6 +110,7 @@ def refine_block(
     calls = [cast_call(c, torch.float32) for c in calls]
     compute = params[0].dtype  # the run's compute dtype: products in it, parameters in float32
     device = params[0].device
+    w = feature_weights.to(device, torch.float32) if feature_weights is not None else None
     # no cast cache: it would keep the first low-precision copy of each weight for every later step
     mixed = (
         torch.autocast(device.type, dtype=compute, cache_enabled=False)
@@ -111,7 +119,7 @@ def refine_block(
     )
     with in_float32(block, params), mixed or contextlib.nullcontext():
         start = [p.detach().clone() for p in params]
-        first = best = _held_out_error(block, calls, inputs, targets, held, load)
+        first = best = _held_out_error(block, calls, inputs, targets, held, load, w)
         best_state = None
         optimizer = torch.optim.Adam(params, lr=config.lr)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -121,14 +129,14 @@ def refine_block(
         with torch.enable_grad():
             while steps < config.steps and stale < config.patience:
                 b = train[steps % len(train)]
-                loss = _error(block, calls[b], inputs[b], targets[b], load)
+                loss = _error(block, calls[b], inputs[b], targets[b], load, w)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
                 steps += 1
                 if steps % config.eval_every == 0 or steps == config.steps:
-                    now = _held_out_error(block, calls, inputs, targets, held, load)
+                    now = _held_out_error(block, calls, inputs, targets, held, load, w)
                     if now < best:
                         best, best_state, stale = now, [p.detach().clone() for p in params], 0
                     else:
@@ -180,28 +188,30 @@ def cast_call(call: BlockCall, dtype: torch.dtype) -> BlockCall:
     return BlockCall(cast(call.args), cast(call.kwargs), call.mask)
 
 
-def _token_errors(block, call, x, y, load) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per real token ‖f(x)_t − y_t‖² / ‖y_t‖² (float32), and the tokens' weights (1 real, 0 padding)."""
+def _token_errors(block, call, x, y, load, w) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per real token Σ_j w_j (f(x)_tj − y_tj)² / ‖y_t‖² (float32; ``w`` None: all 1), and the tokens'
+    weights (1 real, 0 padding)."""
     out = run_block(block, load(x).float(), call).float()
     target = load(y).float()
-    ratio = (out - target).square().sum(-1) / target.square().sum(-1).clamp_min(1e-30)
+    sq = (out - target).square()
+    ratio = (sq * w if w is not None else sq).sum(-1) / target.square().sum(-1).clamp_min(1e-30)
     if call.mask is not None and ratio.shape == call.mask.shape:
         return ratio, call.mask.to(ratio.device, ratio.dtype)
     return ratio, torch.ones_like(ratio)
 
 
-def _error(block, call, x, y, load) -> torch.Tensor:
+def _error(block, call, x, y, load, w) -> torch.Tensor:
     """The mean per-token relative squared error over the batch's real tokens (module docstring)."""
-    ratio, weight = _token_errors(block, call, x, y, load)
+    ratio, weight = _token_errors(block, call, x, y, load, w)
     return (ratio * weight).sum() / weight.sum().clamp_min(1.0)
 
 
 @torch.no_grad()
-def _held_out_error(block, calls, inputs, targets, held, load) -> float:
+def _held_out_error(block, calls, inputs, targets, held, load, w) -> float:
     """The mean per-token relative squared error over the held-out batches' real tokens."""
     num = den = 0.0
     for b in held:
-        ratio, weight = _token_errors(block, calls[b], inputs[b], targets[b], load)
+        ratio, weight = _token_errors(block, calls[b], inputs[b], targets[b], load, w)
         num += float((ratio * weight).sum())
         den += float(weight.sum())
     return num / max(den, 1.0)

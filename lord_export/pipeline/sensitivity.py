@@ -88,10 +88,11 @@ class OutputFisher:
     """The empirical Fisher of the LM loss at each targeted layer's output, per output feature:
     F_l[j] = Σ_t (∂L/∂y_tj)² over ``tokens`` tokens (float64 vectors, by layer name).
 
-    It gives the allocation its sensitivities, s_g = Σ_j F[j] / (N · d_out) for a group, and the closed
-    form its output weighting (:meth:`weights`): minimizing ‖diag(F)^{1/2} (W X − A B X)‖ instead of
-    ‖W X − A B X‖ keeps the directions the loss reacts to, the second-order change of the loss
-    ½ δyᵀ F δy with the Fisher taken diagonal.
+    Block by block (:func:`streamed_fisher`) the output of every block is measured too, under the
+    block's name. It gives the allocation its sensitivities, s_g = Σ_j F[j] / (N · d_out) for a group,
+    block refinement its error weighting, and the closed form its output weighting (:meth:`weights`):
+    minimizing ‖diag(F)^{1/2} (W X − A B X)‖ instead of ‖W X − A B X‖ keeps the directions the loss
+    reacts to, the second-order change of the loss ½ δyᵀ F δy with the Fisher taken diagonal.
     """
 
     def __init__(self, vectors: dict[str, torch.Tensor] | None = None, tokens: int = 0) -> None:
@@ -334,8 +335,11 @@ def block_gradients(
     fisher: OutputFisher,
 ) -> list[torch.Tensor]:
     """Backpropagate ``grads`` (∂L/∂ block i's output) through block i; add each of ``layers``' (relative
-    names) per-feature Σ (∂L/∂y)² to ``fisher`` under its full name."""
+    names) per-feature Σ (∂L/∂y)² to ``fisher`` under its full name, and the block output's under the
+    block's name (it weights block refinement's error, :mod:`lord_export.pipeline.refine`)."""
     block, prefix = blocks.modules[i], blocks.name(i)
+    for g in grads:
+        fisher.add(prefix, streams.load(g))
     source.materialize(block, prefix, device)
     block.requires_grad_(False)
     modules = dict(block.named_modules())
