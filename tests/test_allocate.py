@@ -201,6 +201,10 @@ def test_streamed_survey_equals_the_whole_model_survey(arch):
     assert streamed.total == whole.total
     if allocation == "fisher":
         assert len({c.sensitivity for c in streamed.curves}) > 1
+        # the loss's Fisher at every block's output (refinement's error weights): the same both ways
+        for i in range(len(blocks)):
+            name = blocks.name(i)
+            torch.testing.assert_close(streamed.fisher.vectors[name], whole.fisher.vectors[name], rtol=1e-4, atol=0)
 
 
 def test_fisher_sensitivity_is_the_mean_squared_output_gradient():

@@ -27,6 +27,21 @@ def test_refinement_never_worsens_a_block_on_held_out_batches():
     assert any(b["improved"] and b["held_out_error_after"] < b["held_out_error_before"] for b in blocks)
 
 
+def test_refinement_weights_the_error_by_the_block_output_fisher():
+    """With the fisher allocation and output weighting the survey measures the loss's Fisher at every
+    block's output, and refinement weights its error by it - still never worse on held-out batches."""
+    model = tiny_model("llama")
+    plan = le.compress(model, correlated_batches(n_batches=5, seq=40), param_ratio=0.8, allocation="fisher",
+                       output_weighting="fisher", refine="block", refine_steps=16, refine_lr=1e-3)  # fmt: skip
+    blocks = plan.report["timings"]["refinement"]
+    assert [b["weighting"] for b in blocks] == ["fisher", "fisher"]
+    for b in blocks:
+        assert b["held_out_error_after"] <= b["held_out_error_before"]
+    unweighted = le.compress(tiny_model("llama"), correlated_batches(n_batches=5, seq=40), param_ratio=0.8,
+                             allocation="fisher", output_weighting="none", refine="block", refine_steps=16)  # fmt: skip
+    assert {b["weighting"] for b in unweighted.report["timings"]["refinement"]} == {"none"}
+
+
 def test_refinement_off_gives_the_closed_form_exactly():
     batches = correlated_batches(seq=40)
     a, b = tiny_model("llama"), tiny_model("llama")

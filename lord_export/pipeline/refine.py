@@ -150,6 +150,7 @@ def refine_block(
         "steps": steps,
         "improved": best_state is not None,
         "held_out_batches": len(held) if len(calls) > 1 else 0,
+        "weighting": "fisher" if w is not None else "none",
         "seconds": round(time.perf_counter() - t0, 3),
     }
 

@@ -139,11 +139,13 @@ class SensitivityProbe:
     between (the survey folds the probe's batches into its calibration pass).
     """
 
-    def __init__(self, model: nn.Module, layers: Sequence[str]):
+    def __init__(self, model: nn.Module, layers: Sequence[str], blocks: Blocks | None = None):
         check_causal_lm(model)
         self.model = model
         modules = dict(model.named_modules())
         self.modules = {n: modules[n] for n in layers}
+        # block outputs (hidden states, the first output) under the block's name: refinement's weights
+        self.blocks = {blocks.name(i): m for i, m in enumerate(blocks.modules)} if blocks is not None else {}
         self.width = {
             n: m.weight.shape[0] if isinstance(m, nn.Linear) else m.weight.shape[1] for n, m in self.modules.items()
         }
@@ -154,7 +156,7 @@ class SensitivityProbe:
         model, device = self.model, model_device(self.model)
         batch = {k: v.to(device) for k, v in batch.items()}
         handles = [model.get_input_embeddings().register_forward_hook(lambda mod, inp, out: out.requires_grad_())]
-        for name, module in self.modules.items():
+        for name, module in (self.modules | self.blocks).items():
             handles.append(module.register_forward_hook(self._watch(name)))
         requires = {n: p.requires_grad for n, p in model.named_parameters()}
         try:
@@ -171,8 +173,10 @@ class SensitivityProbe:
         self.fisher.tokens += int(batch.get("attention_mask", torch.ones_like(batch["input_ids"])).sum())
 
     def _watch(self, name: str):
-        def hook(mod: nn.Module, inp: Any, out: torch.Tensor) -> None:
-            if out.requires_grad:
+        def hook(mod: nn.Module, inp: Any, out: Any) -> None:
+            if isinstance(out, (tuple, list)):
+                out = out[0]
+            if isinstance(out, torch.Tensor) and out.requires_grad:
                 out.register_hook(lambda g: self._add(name, g))
 
         return hook

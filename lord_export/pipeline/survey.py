@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..calibration.blocks import run_block
+from ..calibration.blocks import find_blocks, run_block
 from ..calibration.statistics import Calibration, Calibrator, batch_kwargs, calibrating, exact_matmuls, warn_few_tokens
 from ..config import LordConfig
 from ..core.allocate import GroupCurve, allocate, predicted_loss, split_groups
@@ -84,7 +84,7 @@ def survey(
     """
     t0 = time.perf_counter()
     check_overrides(config, layers)
-    probe = SensitivityProbe(model, layers) if config.allocation == "fisher" else None
+    probe = SensitivityProbe(model, layers, find_blocks(model)) if config.allocation == "fisher" else None
     probe_batches = set(sensitivity_batches(batches)) if probe is not None else set()
     probe_s = 0.0
 
