@@ -88,6 +88,7 @@ def run_row(model_dir, calib, held, extra, ratio, row, args, tmp) -> dict:
     flags += ["--calib-seqlen", str(args.calib_seqlen), "--calib-sampling", args.calib_sampling, *extra, *ROWS[row]]
     if row == "finetuned":
         flags += ["--finetune-steps", str(args.finetune_steps)]
+    flags += args.extra.split()
     seconds, _ = cli("compress", str(model_dir), str(out), *flags, "--overwrite")
     report = json.loads((out / "report.json").read_text())
     ppl = evaluate(out, held, extra, args, tmp / f"{row}-{ratio}.json")
@@ -102,7 +103,9 @@ def run_row(model_dir, calib, held, extra, ratio, row, args, tmp) -> dict:
         "stage_seconds": timings.get("stages", {}),
         "held_out_stages": report.get("stages"),
         "degenerate": (report.get("sanity") or {}).get("degenerate"),
-        "flags": ROWS[row] + (["--finetune-steps", str(args.finetune_steps)] if row == "finetuned" else []),
+        "flags": ROWS[row]
+        + (["--finetune-steps", str(args.finetune_steps)] if row == "finetuned" else [])
+        + args.extra.split(),
     }
 
 
@@ -127,6 +130,9 @@ def main() -> None:
     ap.add_argument("--calib-sampling", choices=("spread", "sequential"), default="spread")
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--finetune-steps", type=int, default=50)
+    ap.add_argument(
+        "--extra", default="", help="flags added to every row's compress command, for experiments (use another --json)"
+    )
     ap.add_argument("--json", default="benchmarks/results/quality_recipes.json")
     args = ap.parse_args()
     rows = args.rows.split(",")
