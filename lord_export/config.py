@@ -198,9 +198,11 @@ class LordConfig:
         default=DEFAULT_REFINE,
         metadata={
             "help": "block: after each block's closed form, fit its LoRD parameters so that the block fed the "
-            "compressed model's activations reproduces the dense block's output (Adam, early-stopped on held-out "
-            "calibration batches; see lord_export.pipeline.refine); none: the closed form alone; auto: block with "
-            "a parameter budget or a quality target on a model processed block by block (the recipe), else none"
+            "compressed model's activations reproduces the dense block's output (each token's error relative to its "
+            "output, weighted per feature by the loss's Fisher with --output-weighting fisher; Adam, early-stopped "
+            "on held-out calibration batches; see lord_export.pipeline.refine); none: the closed form alone; "
+            "auto: block with a parameter budget or a quality target on a model processed block by block (the "
+            "recipe), else none"
         },
     )
     refine_steps: int = field(default=64, metadata={"help": "at most this many refinement steps per block"})
