@@ -95,6 +95,7 @@ def run_row(model_dir, calib, held, extra, ratio, row, args, tmp) -> dict:
     timings = report.get("timings", {})
     return {
         "row": row,
+        "lord_export_version": report.get("lord_export_version"),
         "param_ratio": ratio,
         "sampling": args.calib_sampling,
         "params_ratio": report["params_ratio"],
