@@ -206,7 +206,10 @@ class LordConfig:
         },
     )
     refine_steps: int = field(default=64, metadata={"help": "at most this many refinement steps per block"})
-    refine_lr: float = field(default=1e-4, metadata={"help": "the refinement's learning rate (Adam)"})
+    refine_lr: float = field(
+        default=1e-3,
+        metadata={"help": "the refinement's learning rate (Adam; a linear warmup over the first eighth of the steps)"},
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, str):

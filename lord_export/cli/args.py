@@ -211,7 +211,7 @@ COMPRESSION_OPTIONS = (
     ),
     Option("--refine", dict(choices=REFINE_MODES, default=DEFAULT_REFINE, help=config_help("refine"))),
     Option("--refine-steps", dict(type=positive_int, default=64, metavar="N", help=config_help("refine_steps"))),
-    Option("--refine-lr", dict(type=positive_float, default=1e-4, metavar="LR", help=config_help("refine_lr"))),
+    Option("--refine-lr", dict(type=positive_float, default=1e-3, metavar="LR", help=config_help("refine_lr"))),
 )
 
 SEPARATOR = Option(
@@ -473,5 +473,5 @@ def config_from_args(args: argparse.Namespace, prefix: str = "") -> LordConfig:
         output_weighting=get("output_weighting", "fisher"),
         refine=get("refine", DEFAULT_REFINE),
         refine_steps=get("refine_steps", 64),
-        refine_lr=get("refine_lr", 1e-4),
+        refine_lr=get("refine_lr", 1e-3),
     )
