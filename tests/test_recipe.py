@@ -25,6 +25,11 @@ def test_refinement_never_worsens_a_block_on_held_out_batches():
     for b in blocks:
         assert b["held_out_error_after"] <= b["held_out_error_before"] and b["held_out_batches"] == 1
     assert any(b["improved"] and b["held_out_error_after"] < b["held_out_error_before"] for b in blocks)
+    # the own error: the refined block fed the DENSE inputs. Block 0's inputs are the same on both
+    # paths (nothing is compressed before it); block 1 inherits block 0's error on the compressed path.
+    first, second = blocks
+    assert first["held_out_own_error"] == pytest.approx(first["held_out_error_after"], rel=1e-5)
+    assert 0 < second["held_out_own_error"] != pytest.approx(second["held_out_error_after"], rel=1e-3)
 
 
 def test_refinement_weights_the_error_by_the_block_output_fisher():

@@ -214,10 +214,12 @@ class Engine:
         )
         if spill is not None:
             work.kept, work.kept_groups = take_kept(spill, i, self.device)
+        # the dense stream's held-out inputs of this block, before the mode advances it past the block
+        held_dense = self._held_out_inputs(setup.streams) if self.config.refines else None
         groups, tensors = fit(work)
         self._add_warnings(work.warnings)
         if self.config.refines and any(g.factorized for g in groups):
-            self._refine(block, work, blocks.name(i))
+            self._refine(block, work, blocks.name(i), held_dense)
         if setup.streams.two:
             s = setup.streams
             with self.times("forward_s"):
@@ -228,7 +230,14 @@ class Engine:
         self.source.release(block)
         return groups
 
-    def _refine(self, block: nn.Module, work: BlockWork, name: str) -> None:
+    def _held_out_inputs(self, streams: Streams) -> dict[int, torch.Tensor]:
+        """The dense stream's entries of refinement's held-out batches (for the report's own error)."""
+        from .refine import RefineConfig, split_batches
+
+        _, held = split_batches(len(streams.dense), RefineConfig().holdout)
+        return {b: streams.dense[b] for b in held}
+
+    def _refine(self, block: nn.Module, work: BlockWork, name: str, held_dense: dict[int, torch.Tensor]) -> None:
         """Block refinement (:mod:`lord_export.pipeline.refine`): the LoRD block on the compressed stream
         fitted to the dense block's outputs (the dense stream, just advanced past this block)."""
         from .refine import RefineConfig, refine_block
@@ -239,7 +248,7 @@ class Engine:
         with self.times("refine_s"):
             report = refine_block(
                 block, work.calls, s.comp, s.dense, config, load=s.load,
-                feature_weights=weights.square() if weights is not None else None,
+                feature_weights=weights.square() if weights is not None else None, dense_inputs=held_dense,
             )  # fmt: skip
         if report is not None:
             self.refinements.append({"block": name, **report})

@@ -36,7 +36,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -110,11 +110,15 @@ def refine_block(
     *,
     load: Any = lambda t: t,
     feature_weights: torch.Tensor | None = None,
+    dense_inputs: Mapping[int, torch.Tensor] | None = None,
 ) -> dict[str, Any] | None:
     """Refine ``block``'s LoRD parameters in place (module docstring); returns what happened (None for a
     block without LoRD layers). ``inputs``: the compressed-path inputs per batch; ``targets``: the dense
     block's outputs per batch; ``load`` brings a parked tensor to the compute device;
-    ``feature_weights``: the error weight of each output feature (None: all 1)."""
+    ``feature_weights``: the error weight of each output feature (None: all 1); ``dense_inputs``: the
+    DENSE model's inputs of the held-out batches (by batch index), to report the refined block's own
+    error: its error fed the dense inputs, what the block adds itself. The rest of
+    ``held_out_error_after`` is inherited from the blocks before, which this block's factors cannot undo."""
     params = lord_parameters(block)
     if not params:
         return None
@@ -155,9 +159,13 @@ def refine_block(
         with torch.no_grad():
             for p, keep in zip(params, best_state or start, strict=True):
                 p.copy_(keep)
+        own = None
+        if dense_inputs is not None and all(b in dense_inputs for b in held):
+            own = _held_out_error(block, calls, dense_inputs, targets, held, load, w)
     return {
         "held_out_error_before": math.sqrt(first),
         "held_out_error_after": math.sqrt(best),
+        **({"held_out_own_error": math.sqrt(own)} if own is not None else {}),
         "steps": steps,
         "improved": best_state is not None,
         "held_out_batches": len(held) if len(calls) > 1 else 0,
