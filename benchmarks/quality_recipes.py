@@ -103,6 +103,11 @@ def run_row(model_dir, calib, held, extra, ratio, row, args, tmp) -> dict:
         "compress_seconds": round(seconds, 1),
         "stage_seconds": timings.get("stages", {}),
         "held_out_stages": report.get("stages"),
+        # per refined block: held-out error before / after refinement, and its own error (dense inputs)
+        "refinement": [
+            {k: b.get(k) for k in ("block", "held_out_error_before", "held_out_error_after", "held_out_own_error")}
+            for b in timings.get("refinement", [])
+        ],
         "degenerate": (report.get("sanity") or {}).get("degenerate"),
         "flags": ROWS[row]
         + (["--finetune-steps", str(args.finetune_steps)] if row == "finetuned" else [])
