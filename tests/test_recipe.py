@@ -48,15 +48,16 @@ def test_refinement_weights_the_error_by_the_block_output_fisher():
 
 
 def test_refinement_learning_rate_warms_up_then_decays_to_a_tenth():
-    from lord_export.pipeline.refine import RefineConfig, lr_factor
+    from lord_export.pipeline.heal import lr_factor
+    from lord_export.pipeline.refine import RefineConfig
 
     config = RefineConfig(steps=64)
     assert config.warmup == 8 and config.lr == 1e-3
-    factors = [lr_factor(i, config) for i in range(65)]
+    factors = [lr_factor(i, config.steps, config.warmup, "cosine", floor=0.1) for i in range(65)]
     assert factors[:8] == pytest.approx([(i + 1) / 9 for i in range(8)])
     assert factors[8] == pytest.approx(1.0) and factors[64] == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(factors[8:], factors[9:], strict=False))
-    assert [lr_factor(i, RefineConfig(steps=4, warmup=0)) for i in (0, 4)] == pytest.approx([1.0, 0.1])
+    assert [lr_factor(i, 4, 0, "cosine") for i in (0, 4)] == pytest.approx([1.0, 0.0])  # heal's: to zero
     with pytest.raises(UsageError, match="warmup"):
         RefineConfig(steps=8, warmup=8)
 

@@ -215,7 +215,7 @@ class Engine:
         if spill is not None:
             work.kept, work.kept_groups = take_kept(spill, i, self.device)
         # the dense stream's held-out inputs of this block, before the mode advances it past the block
-        held_dense = self._held_out_inputs(setup.streams) if self.config.refines else None
+        held_dense = self._held_out_inputs(setup.streams) if self.config.refines else {}
         groups, tensors = fit(work)
         self._add_warnings(work.warnings)
         if self.config.refines and any(g.factorized for g in groups):
@@ -230,20 +230,25 @@ class Engine:
         self.source.release(block)
         return groups
 
+    def _refine_config(self) -> Any:
+        from .refine import RefineConfig
+
+        return RefineConfig(steps=self.config.refine_steps, lr=self.config.refine_lr)
+
     def _held_out_inputs(self, streams: Streams) -> dict[int, torch.Tensor]:
         """The dense stream's entries of refinement's held-out batches (for the report's own error)."""
-        from .refine import RefineConfig, split_batches
+        from .refine import split_batches
 
-        _, held = split_batches(len(streams.dense), RefineConfig().holdout)
+        _, held = split_batches(len(streams.dense), self._refine_config().holdout)
         return {b: streams.dense[b] for b in held}
 
     def _refine(self, block: nn.Module, work: BlockWork, name: str, held_dense: dict[int, torch.Tensor]) -> None:
         """Block refinement (:mod:`lord_export.pipeline.refine`): the LoRD block on the compressed stream
         fitted to the dense block's outputs (the dense stream, just advanced past this block)."""
-        from .refine import RefineConfig, refine_block
+        from .refine import refine_block
 
         s = work.streams
-        config = RefineConfig(steps=self.config.refine_steps, lr=self.config.refine_lr)
+        config = self._refine_config()
         weights = self.fisher.weights([name]) if self.fisher is not None else None
         with self.times("refine_s"):
             report = refine_block(

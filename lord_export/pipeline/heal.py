@@ -119,17 +119,17 @@ class HealConfig:
         return HealConfig.from_dict({**self.to_dict(), **overrides})
 
 
-def lr_factor(step: int, steps: int, warmup: int, schedule: str) -> float:
+def lr_factor(step: int, steps: int, warmup: int, schedule: str, floor: float = 0.0) -> float:
     """Multiplier of the base learning rate at optimizer step ``step`` (0-based): a linear warmup over
     ``warmup`` steps (AdamW's first updates are sign-like, every weight moves by about lr, which
     is what undid the closed-form factors in the first heal runs), then constant or a cosine decay
-    to zero at ``steps``."""
+    to ``floor`` at ``steps`` (block refinement decays to a tenth)."""
     if step < warmup:
         return (step + 1) / (warmup + 1)
     if schedule == "constant":
         return 1.0
-    progress = (step - warmup) / max(1, steps - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def lord_members(model: nn.Module) -> list[str]:

@@ -46,6 +46,7 @@ from torch import nn
 from ..calibration.blocks import BlockCall, run_block
 from ..core.modules import LordBottleneck, LordLinear
 from ..errors import UsageError
+from .heal import lr_factor
 
 
 @dataclass
@@ -139,7 +140,9 @@ def refine_block(
         first = best = _held_out_error(block, calls, inputs, targets, held, load, w)
         best_state = None
         optimizer = torch.optim.Adam(params, lr=config.lr)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(i, config))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda i: lr_factor(i, config.steps, config.warmup, "cosine", floor=0.1)
+        )
         steps = stale = 0
         with torch.enable_grad():
             while steps < config.steps and stale < config.patience:
@@ -172,16 +175,6 @@ def refine_block(
         "weighting": "fisher" if w is not None else "none",
         "seconds": round(time.perf_counter() - t0, 3),
     }
-
-
-def lr_factor(step: int, config: RefineConfig) -> float:
-    """Multiplier of the learning rate at step ``step`` (0-based): a linear warmup over ``config.warmup``
-    steps (Adam's first updates move every parameter by about the learning rate, whatever its
-    gradient), then a cosine decay to a tenth at ``config.steps``."""
-    if step < config.warmup:
-        return (step + 1) / (config.warmup + 1)
-    progress = min(step - config.warmup, config.steps) / max(1, config.steps - config.warmup)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 @contextlib.contextmanager
