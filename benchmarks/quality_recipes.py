@@ -56,6 +56,11 @@ ROWS = {
     "default": [],  # since refine=auto: the same as "refined"
 }
 
+#: What a row records of each refined block (report.json's ``timings.refinement``).
+REFINEMENT_KEYS = (
+    "block", "held_out_error_before", "held_out_error_after", "held_out_own_error", "steps", "lr", "improved",
+)  # fmt: skip
+
 
 def cli(*args: str) -> tuple[float, subprocess.CompletedProcess]:
     t0 = time.perf_counter()
@@ -104,10 +109,7 @@ def run_row(model_dir, calib, held, extra, ratio, row, args, tmp) -> dict:
         "stage_seconds": timings.get("stages", {}),
         "held_out_stages": report.get("stages"),
         # per refined block: held-out error before / after refinement, and its own error (dense inputs)
-        "refinement": [
-            {k: b.get(k) for k in ("block", "held_out_error_before", "held_out_error_after", "held_out_own_error")}
-            for b in timings.get("refinement", [])
-        ],
+        "refinement": [{k: b.get(k) for k in REFINEMENT_KEYS} for b in timings.get("refinement", [])],
         "degenerate": (report.get("sanity") or {}).get("degenerate"),
         "flags": ROWS[row]
         + (["--finetune-steps", str(args.finetune_steps)] if row == "finetuned" else [])

@@ -3,6 +3,7 @@ check on held-out calibration blocks, and compressing to a quality target."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -30,6 +31,36 @@ def test_refinement_never_worsens_a_block_on_held_out_batches():
     first, second = blocks
     assert first["held_out_own_error"] == pytest.approx(first["held_out_error_after"], rel=1e-5)
     assert 0 < second["held_out_own_error"] != pytest.approx(second["held_out_error_after"], rel=1e-3)
+
+
+def test_refinement_backs_off_to_a_tenth_of_the_rate_when_the_first_check_shows_no_gain():
+    """A rate far too high for the closed-form start (10) makes every block worse by the first held-out
+    check (step 8); the fit then starts over from the closed form at 1, for the full 16 steps."""
+    model = tiny_model("llama")
+    plan = le.compress(model, correlated_batches(n_batches=5, seq=40), rank_reduction=0.6, refine="block",
+                       refine_steps=16, refine_lr=10.0)  # fmt: skip
+    blocks = plan.report["timings"]["refinement"]
+    assert [b["lr"] for b in blocks] == pytest.approx([1.0, 1.0])
+    assert [b["steps"] for b in blocks] == [8 + 16, 8 + 16]
+    assert all(b["held_out_error_after"] <= b["held_out_error_before"] for b in blocks)
+    from lord_export.pipeline.refine import RefineConfig
+
+    with pytest.raises(UsageError, match="backoff"):
+        RefineConfig(backoff=-1)
+
+
+def test_the_plan_carries_the_refined_factors():
+    """A plan made in memory holds the factors refinement left in the model (not the closed form it
+    started from): applied to a fresh copy of the dense model it gives the compressed model's logits."""
+    batches = correlated_batches(n_batches=5, seq=40)
+    model = tiny_model("llama")
+    fresh = copy.deepcopy(model)
+    plan = le.compress(model, batches, rank_reduction=0.6, refine="block", refine_steps=16)
+    assert any(b["improved"] for b in plan.report["timings"]["refinement"])
+    le.apply_plan(fresh, plan)
+    ids = batches[0]["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids).logits, model(ids).logits, rtol=0, atol=1e-6)
 
 
 def test_refinement_weights_the_error_by_the_block_output_fisher():

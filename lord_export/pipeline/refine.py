@@ -23,7 +23,10 @@ length of the fit), one calibration batch per step, the learning rate warmed up 
 eighth of the steps and then decayed (cosine) to a tenth: without the warmup, Adam's first steps move
 every parameter by about the learning rate whatever its gradient, and a rate of 1e-3 made most blocks
 worse at the first check; with it, 1e-3 takes stories260K's increase at 0.8 from +145% to +116% and
-leaves SmolLM2 and the reference model where 1e-4 did (benchmarks/RESULTS.md).
+leaves SmolLM2 and the reference model where 1e-4 did (benchmarks/RESULTS.md). Where the closed form
+is already close to the block's optimum (light compression: most of SmolLM2's blocks at 0.9) even the
+warmed-up 1e-3 overshoots, and the first held-out measurement shows no gain; the fit then starts over
+from the closed form at a tenth of the rate (``RefineConfig.backoff``), which costs ``eval_every`` steps.
 
 The last batches of the calibration set are held out (never trained on); the held-out error is
 measured before the first step and every few steps, and the parameters with the lowest held-out error
@@ -65,6 +68,13 @@ class RefineConfig:
     )
     eval_every: int = field(default=8, metadata={"help": "steps between held-out measurements"})
     patience: int = field(default=3, metadata={"help": "measurements without improvement before stopping"})
+    backoff: int = field(
+        default=1,
+        metadata={
+            "help": "restarts from the closed form at a tenth of the learning rate when the first held-out "
+            "measurement shows no gain"
+        },
+    )
 
     def __post_init__(self) -> None:
         if int(self.steps) < 1:
@@ -78,6 +88,8 @@ class RefineConfig:
             raise UsageError(f"refinement needs 0 <= warmup < steps, got {self.warmup}")
         if int(self.eval_every) < 1 or int(self.patience) < 1:
             raise UsageError("eval_every and patience must be >= 1")
+        if int(self.backoff) < 0:
+            raise UsageError(f"backoff must be >= 0, got {self.backoff}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -139,10 +151,8 @@ def refine_block(
         start = [p.detach().clone() for p in params]
         first = best = _held_out_error(block, calls, inputs, targets, held, load, w)
         best_state = None
-        optimizer = torch.optim.Adam(params, lr=config.lr)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda i: lr_factor(i, config.steps, config.warmup, "cosine", floor=0.1)
-        )
+        lr, restarts, total = config.lr, 0, 0
+        optimizer, scheduler = _adam(params, lr, config)
         steps = stale = 0
         with torch.enable_grad():
             while steps < config.steps and stale < config.patience:
@@ -153,15 +163,20 @@ def refine_block(
                 optimizer.step()
                 scheduler.step()
                 steps += 1
+                total += 1
                 if steps % config.eval_every == 0 or steps == config.steps:
                     now = _held_out_error(block, calls, inputs, targets, held, load, w)
                     if now < best:
                         best, best_state, stale = now, [p.detach().clone() for p in params], 0
+                    elif steps == config.eval_every and best_state is None and restarts < config.backoff:
+                        # no gain at the first check: the rate overshoots a start this close to the
+                        # optimum; start over from the closed form at a tenth of it
+                        _restore(params, start)
+                        lr, restarts, steps = lr / 10, restarts + 1, 0
+                        optimizer, scheduler = _adam(params, lr, config)
                     else:
                         stale += 1
-        with torch.no_grad():
-            for p, keep in zip(params, best_state or start, strict=True):
-                p.copy_(keep)
+        _restore(params, best_state or start)
         own = None
         if dense_inputs is not None and all(b in dense_inputs for b in held):
             own = _held_out_error(block, calls, dense_inputs, targets, held, load, w)
@@ -169,12 +184,28 @@ def refine_block(
         "held_out_error_before": math.sqrt(first),
         "held_out_error_after": math.sqrt(best),
         **({"held_out_own_error": math.sqrt(own)} if own is not None else {}),
-        "steps": steps,
+        "steps": total,
+        "lr": lr,
         "improved": best_state is not None,
         "held_out_batches": len(held) if len(calls) > 1 else 0,
         "weighting": "fisher" if w is not None else "none",
         "seconds": round(time.perf_counter() - t0, 3),
     }
+
+
+def _adam(params: Sequence[nn.Parameter], lr: float, config: RefineConfig) -> tuple[Any, Any]:
+    """Adam at ``lr`` with the warmup + cosine schedule (module docstring)."""
+    optimizer = torch.optim.Adam(params, lr=lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda i: lr_factor(i, config.steps, config.warmup, "cosine", floor=0.1)
+    )
+    return optimizer, scheduler
+
+
+@torch.no_grad()
+def _restore(params: Sequence[nn.Parameter], values: Sequence[torch.Tensor]) -> None:
+    for p, keep in zip(params, values, strict=True):
+        p.copy_(keep)
 
 
 @contextlib.contextmanager
