@@ -344,13 +344,13 @@ class Engine:
 
     def _record(self, groups: list[Group], tensors: dict, prefix: str, block: nn.Module) -> None:
         self.groups.extend(g.renamed(prefix) for g in groups)
-        if self.config.refines:  # the factors as refinement left them in the block, not the closed form
-            current = dict(block.named_parameters())
-            tensors = {k: current[k].detach().clone() if k in current else v for k, v in tensors.items()}
         if self.writer is not None:
             state = {f"{prefix}.{k}": v for k, v in block.state_dict().items()}
             self.writer.add({k: self._stored(k, v) for k, v in state.items()})
         else:
+            if self.config.refines:  # the factors as refinement left them in the block, not the closed form
+                current = dict(block.named_parameters())
+                tensors = {k: current[k].detach().clone() if k in current else v for k, v in tensors.items()}
             self.tensors.update({f"{prefix}.{k}": v for k, v in tensors.items()})
 
     def _stored(self, name: str, t: torch.Tensor) -> torch.Tensor:
