@@ -1,9 +1,11 @@
 """Peak memory and time per block of block-by-block compression on a Llama-2-7B-shaped model.
 
     python benchmarks/compress_scale.py --layers 2 4 [--device cpu] [--calibration independent]
+        [--shape llama-7b|tinyllama-1b] [--refine]
 
 For each layer count, writes a Llama model with Llama-2-7B's shapes (hidden 4096, intermediate
-11008, 32 heads, vocab 32000) and random bf16 weights as sharded safetensors (generated one layer
+11008, 32 heads, vocab 32000; ``--shape tinyllama-1b``: TinyLlama-1.1B's hidden 2048, intermediate
+5632, 32 query / 4 key-value heads) and random bf16 weights as sharded safetensors (generated one layer
 at a time, so writing it needs little memory), then runs
 ``lord-export compress DIR OUT --calib <stdlib files> --calib-samples 16 --calib-seqlen 256
 --rank-reduction 0.3`` in a subprocess and reads its peak RSS (``getrusage(RUSAGE_CHILDREN)``,
@@ -12,7 +14,9 @@ report. Prints a table, the peak-RSS ratio between the largest and smallest laye
 time extrapolated to 32 layers (fixed part + per-block time × 32); with ``--with-budget`` each model
 is compressed a second time with ``--param-ratio`` at the ratio uniform reached (fisher allocation,
 the streamed survey), for what the budget adds to time and memory; writes
-``benchmarks/results/compress_scale_<device>.json``.
+``benchmarks/results/compress_scale_<device>.json``. With ``--refine`` each model is compressed a
+second time with ``--refine block`` (block refinement at the same rank reduction): its time over the
+closed form's, the refinement's share, and the peak memory in depth with refinement on.
 """
 
 from __future__ import annotations
@@ -29,13 +33,18 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-SHAPE = dict(
-    hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32, vocab_size=32000
-)
+SHAPES = {
+    "llama-7b": dict(
+        hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32, vocab_size=32000
+    ),
+    "tinyllama-1b": dict(
+        hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4, vocab_size=32000
+    ),
+}
 
 
-def write_model(directory: Path, layers: int, seed: int = 0, device: str = "cpu") -> int:
-    """A random bf16 Llama of 7B shapes with ``layers`` layers, one shard per layer; returns bytes.
+def write_model(directory: Path, layers: int, seed: int = 0, device: str = "cpu", shape: str = "llama-7b") -> int:
+    """A random bf16 Llama of ``shape``'s shapes with ``layers`` layers, one shard per layer; returns bytes.
 
     The random numbers are drawn on ``device`` (a GPU draws 32 layers' in seconds; the CPU's and a
     GPU's generators give different weights for the same seed)."""
@@ -44,7 +53,9 @@ def write_model(directory: Path, layers: int, seed: int = 0, device: str = "cpu"
     from lord_export.persist.checkpoint import ShardWriter
     from lord_export.persist.io import parameters_on_meta
 
-    config = LlamaConfig(num_hidden_layers=layers, max_position_embeddings=4096, torch_dtype="bfloat16", **SHAPE)
+    config = LlamaConfig(
+        num_hidden_layers=layers, max_position_embeddings=4096, torch_dtype="bfloat16", **SHAPES[shape]
+    )
     config.architectures = ["LlamaForCausalLM"]
     with parameters_on_meta():
         skeleton = LlamaForCausalLM(config)
@@ -87,12 +98,18 @@ def _write_tokenizer(directory: Path) -> None:
 
 
 def run_compress(
-    model_dir: Path, out: Path, calib: list[str], device: str, calibration: str, param_ratio: float | None = None
+    model_dir: Path,
+    out: Path,
+    calib: list[str],
+    device: str,
+    calibration: str,
+    param_ratio: float | None = None,
+    extra: tuple[str, ...] = (),
 ) -> dict:
     size = ["--rank-reduction", "0.3"] if param_ratio is None else ["--param-ratio", f"{param_ratio:.6f}"]
     argv = [
         "compress", str(model_dir), str(out), "--calib", *calib, "--calib-samples", "16", "--calib-seqlen", "256",
-        *size, "--device", device, "--calibration", calibration, "--max-shard-size", "1GB", "-q",
+        *size, "--device", device, "--calibration", calibration, "--max-shard-size", "1GB", "-q", *extra,
     ]  # fmt: skip
     # the CLI in a fresh process that reports its own peak RSS (what /usr/bin/time -v calls "maximum resident")
     code = (
@@ -115,6 +132,14 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--calibration", default="independent")
     p.add_argument(
+        "--shape", choices=sorted(SHAPES), default="llama-7b", help="the layers' shapes (default: Llama-2-7B)"
+    )
+    p.add_argument(
+        "--refine",
+        action="store_true",
+        help="also compress each model with --refine block: refinement's time and peak memory in depth",
+    )
+    p.add_argument(
         "--with-budget",
         action="store_true",
         help="also compress each model with --param-ratio at the ratio uniform reached (the streamed survey's cost)",
@@ -131,7 +156,7 @@ def main() -> None:
         for n in sorted(args.layers):  # smallest first: RUSAGE_CHILDREN keeps the maximum over children
             d, out = Path(work) / f"dense-{n}", Path(work) / f"lord-{n}"
             d.mkdir()
-            size = write_model(d, n, device=args.device)
+            size = write_model(d, n, device=args.device, shape=args.shape)
             r = run_compress(d, out, calib, args.device, args.calibration)
             blocks = r["report"]["timings"]["blocks_s"]
             fixed = r["seconds"] - sum(blocks)
@@ -157,6 +182,26 @@ def main() -> None:
             import shutil
 
             shutil.rmtree(out)
+            if args.refine:
+                f = run_compress(d, out, calib, args.device, args.calibration, extra=("--refine", "block"))
+                stages = f["report"]["timings"].get("stages", {})
+                steps = [b.get("steps") for b in f["report"]["timings"].get("refinement", [])]
+                rows[-1]["refined"] = {
+                    "seconds": f["seconds"],
+                    "peak_rss_gib": f["peak_rss_gib"],
+                    "cuda_peak_allocated_gib": f["report"].get("cuda_peak_allocated_gib"),
+                    "blocks_s": f["report"]["timings"]["blocks_s"],
+                    "refine_s": stages.get("refine_s"),
+                    "steps": steps,
+                    "added": f["seconds"] / r["seconds"] - 1,
+                }
+                print(
+                    f"  --refine block: {f['seconds']:.0f} s (refinement {stages.get('refine_s') or 0:.0f} s, steps "
+                    f"{steps}; {f['seconds'] / r['seconds'] - 1:+.0%} over the closed form), peak RSS "
+                    f"{f['peak_rss_gib']:.2f} GiB, peak GPU {f['report'].get('cuda_peak_allocated_gib') or 0:.2f} GiB",
+                    flush=True,
+                )
+                shutil.rmtree(out)
             if args.with_budget:
                 ratio = r["report"]["params_after"] / r["report"]["params_before"]
                 b = run_compress(d, out, calib, args.device, args.calibration, param_ratio=ratio)
@@ -187,11 +232,17 @@ def main() -> None:
         "device": args.device,
         "threads": torch.get_num_threads(),
         "calibration": args.calibration,
+        "shape": args.shape,
         "rows": rows,
         "peak_ratio_largest_over_smallest": rows[-1]["peak_rss_gib"] / rows[0]["peak_rss_gib"],
         "mean_block_s": per_block,
         "extrapolated_32_layers_s": fixed + 32 * per_block,
     }
+    if args.refine:
+        result["refined_peak_ratio_largest_over_smallest"] = (
+            rows[-1]["refined"]["peak_rss_gib"] / rows[0]["refined"]["peak_rss_gib"]
+        )
+        print(f"with --refine block: peak RSS {result['refined_peak_ratio_largest_over_smallest']:.3f}x")
     print(
         f"peak RSS {rows[-1]['layers']} vs {rows[0]['layers']} layers: "
         f"{result['peak_ratio_largest_over_smallest']:.3f}x; "
