@@ -58,7 +58,8 @@ ROWS = {
 
 #: What a row records of each refined block (report.json's ``timings.refinement``).
 REFINEMENT_KEYS = (
-    "block", "held_out_error_before", "held_out_error_after", "held_out_own_error", "steps", "lr", "improved",
+    "block", "held_out_error_before", "held_out_error_after", "held_out_own_error", "steps", "lr", "rate_cuts",
+    "improved",
 )  # fmt: skip
 
 

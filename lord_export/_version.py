@@ -1,3 +1,3 @@
 """The package version (its own module, so that modules can read it without importing the package facade)."""
 
-__version__ = "0.3.3"
+__version__ = "0.3.4"
