@@ -41,6 +41,7 @@ Memory is one block plus the two streams the engine keeps anyway.
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -127,7 +128,20 @@ def split_batches(n: int, holdout: float) -> tuple[list[int], list[int]]:
     return list(range(n - held)), list(range(n - held, n))
 
 
-def refine_block(
+def refine_block(*args: Any, **kwargs: Any) -> dict[str, Any] | None:
+    """Refine a block (:func:`fit_block`, same arguments) and free what the fit made before returning.
+
+    The fit's optimizer and learning-rate scheduler reference each other, so its float32 Adam moments
+    and parameter snapshots outlive it until Python's cycle collector happens to run: on a model read
+    block by block, the peak memory grew with every refined block (TinyLlama-1.1B shapes, 2 → 4 layers:
+    1.15× without this collection)."""
+    try:
+        return fit_block(*args, **kwargs)
+    finally:
+        gc.collect()
+
+
+def fit_block(
     block: nn.Module,
     calls: Sequence[BlockCall],
     inputs: Sequence[torch.Tensor],
@@ -186,6 +200,7 @@ def refine_block(
                         # optimum; start over from the closed form at a tenth of it
                         _restore(params, start)
                         lr, restarts, steps = lr / 10, restarts + 1, 0
+                        optimizer.state.clear()
                         optimizer, scheduler = _adam(params, lr, config)
                     else:
                         stale += 1
@@ -195,6 +210,9 @@ def refine_block(
                             scheduler.base_lrs = [base * config.decay for base in scheduler.base_lrs]
                             cuts += 1
         _restore(params, best_state or start)
+        optimizer.state.clear()
+        for p in params:
+            p.grad = None  # float32 gradients would stay with the block until it is released
         own = None
         if dense_inputs is not None and all(b in dense_inputs for b in held):
             own = _held_out_error(block, calls, dense_inputs, targets, held, load, w)
