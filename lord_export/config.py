@@ -14,9 +14,9 @@ from .errors import UsageError
 CALIBRATION_MODES = ("independent", "sequential", "compensating")
 REFINE_MODES = ("auto", "none", "block")
 #: The default refinement, chosen from the measurements in benchmarks/RESULTS.md ("Quality per recipe
-#: stage"): block refinement takes SmolLM2's increase at the 0.8 / 0.7 budgets from +26.9 / +57.8% (the
-#: closed-form recipe) to +22.6 / +40.5%, for ~2.5-3x the closed form's time on a CPU; at 0.9 it gains
-#: nothing there (the closed form is already near each block's optimum).
+#: stage"): block refinement takes SmolLM2's increase at the 0.9 / 0.8 / 0.7 budgets from +7.0 / +26.9 /
+#: +57.8% (the closed-form recipe) to +6.9 / +21.6 / +40.3% (0.3.4), for ~3-4x the closed form's time on a
+#: CPU; at 0.9 it gains little there (most of each block's error is inherited from the blocks before).
 DEFAULT_REFINE = "auto"
 OUTPUT_WEIGHTINGS = ("fisher", "none")
 #: shared: one bottleneck per group of layers reading the same input; separate: every layer on its own;
